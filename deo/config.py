@@ -1,0 +1,253 @@
+"""Typed configs: dataclass defaults <- YAML file <- ``key=value`` overrides.
+
+Every pipeline describes its options as (nested) dataclasses. Each field documents itself through
+``field(metadata={"help": ...})`` (see :func:`option`), which ``--help`` prints. Loading merges three
+layers with OmegaConf (so YAML and the CLI share one grammar, e.g. ``s2=[a,b]``), rejects unknown keys
+with the list of valid ones, checks types, and finally builds the dataclass so its ``__post_init__``
+validation runs.
+
+Example:
+    >>> cfg = load_config(PretrainConfig, ["--config", "configs/pretrain/default.yaml", "loss.gamma=0.5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is invalid; the message names it and what was expected."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults are wrapped in a factory)."""
+    meta = {"help": help}
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        value = default
+        return dataclasses.field(
+            default_factory=lambda: _copy(value), metadata=meta, **kw
+        )
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def nested(cls: type) -> Any:
+    """A nested dataclass section with its defaults."""
+    return dataclasses.field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip()})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_list_type(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (list, Sequence):
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_is_list_type(a) for a in typing.get_args(tp) if a is not type(None))
+    return False
+
+
+def flat_keys(cls: type, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
+    """All dotted keys of a config class: key -> (type, help, default)."""
+    out: dict[str, tuple[Any, str, Any]] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            out.update(flat_keys(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "<required>"
+        out[key] = (tp, f.metadata.get("help", ""), default)
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    s = str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", s) if isinstance(tp, type) else s
+
+
+def help_text(cls: type, title: str = "") -> str:
+    """Every key with its type, default and meaning, for ``--help``."""
+    lines = [title, "", "usage: [--config PATH] [key=value ...]   (lists: key=[a,b])", ""]
+    for key, (tp, doc, default) in flat_keys(cls).items():
+        lines.append(f"  {key} ({_type_name(tp)}, default {default!r})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            valid = ", ".join(sorted(flat_keys(cls, prefix)))
+            raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; valid keys: {valid}")
+        if _is_dataclass_type(hints[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(
+                    f"config key '{prefix}{k}' in {source} is a section; expected a mapping of "
+                    f"its keys, got {v!r}"
+                )
+            _check_keys(hints[k], v, source, prefix + k + ".")
+
+
+def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
+    keys = flat_keys(cls)
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"bad argument {item!r}: expected key=value (see --help)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        if key not in keys:
+            # Let _check_keys produce the message with the valid key list.
+            section = key.split(".")
+            node = tree
+            for part in section[:-1]:
+                node = node.setdefault(part, {})
+            node[section[-1]] = raw
+            continue
+        tp = keys[key][0]
+        value: Any = yaml.safe_load(raw) if raw != "" else ""
+        if raw.strip().lower() in ("null", "none", "~"):
+            value = None
+        if _is_list_type(tp) and value is not None and not isinstance(value, list):
+            value = [value]  # a bare value is a one-item list
+        if isinstance(value, list):
+            value = [str(v) if not isinstance(v, int | float | bool) else v for v in value]
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (local path or URI) into a dict."""
+    from deo.io.storage import read_text
+
+    try:
+        text = read_text(str(path))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    cls: type[T],
+    yaml_data: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    source: str = "YAML",
+) -> T:
+    """Merge defaults <- yaml_data <- overrides and return a validated ``cls`` instance.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a value rejected by ``__post_init__``.
+    """
+    base = OmegaConf.structured(cls)
+    layers = []
+    if yaml_data:
+        _check_keys(cls, yaml_data, source)
+        layers.append(OmegaConf.create(yaml_data))
+    cli = _parse_overrides(cls, overrides)
+    if cli:
+        _check_keys(cls, cli, "command line")
+        layers.append(OmegaConf.create(cli))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from e
+    except (TypeError, ValueError) as e:  # raised from a __post_init__
+        raise ConfigError(str(e)) from e
+    return obj  # type: ignore[return-value]
+
+
+def load_config(cls: type[T], argv: Sequence[str], default_config: str | Path | None = None,
+                title: str = "") -> T:
+    """Parse ``[--config PATH] [key=value ...]`` (or ``--help``) into a validated ``cls``.
+
+    Args:
+        cls: the config dataclass.
+        argv: command-line arguments without the program name.
+        default_config: YAML used when ``--config`` is not given (None: dataclass defaults only).
+        title: first line of ``--help``.
+    """
+    args = list(argv)
+    if "-h" in args or "--help" in args:
+        print(help_text(cls, title))
+        raise SystemExit(0)
+    path: str | Path | None = default_config
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ConfigError("--config needs a path")
+        path = args[i + 1]
+        del args[i : i + 2]
+    for a in args:
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+            args.remove(a)
+            break
+    data = read_yaml(path) if path else None
+    return build_config(cls, data, args, source=str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a plain nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, loadable again with ``--config``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    """A short stable hash of the resolved config."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Print a clear error for a pipeline user and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,195 @@
+"""Typed config of ``pipelines/pretrain.py`` (keys listed in DESIGN.md are a contract)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deo.config import nested, option
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    """Where the run folder lives and what it records."""
+
+    storage: str = option("runs", help="folder or URI (s3://, gs://) holding run folders")
+    name: str = option("default", help="run name; rerunning the same name resumes it")
+    checkpoint_every: int = option(50, help="save a Ray Train checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, help="keep the last K checkpoints")
+    log_every: int = option(10, help="print a progress line and append metrics every N steps")
+    report_every: int = option(50, help="call ray.train.report every N steps (each costs ~2 s)")
+    tensorboard: bool = option(True, help="write TensorBoard event files into the run folder")
+    mlflow_uri: str = option("", help="MLflow tracking URI (empty: off)")
+    export: bool = option(True, help="export backbone.safetensors at the end")
+
+    def __post_init__(self) -> None:
+        for k in ("checkpoint_every", "keep_checkpoints", "log_every", "report_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"run.{k} must be >= 1, got {getattr(self, k)}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: steps, batch, schedules, precision."""
+
+    max_steps: int = option(300, help="optimizer steps in total")
+    batch_size: int = option(16, help="GLOBAL batch (samples per step over all workers)")
+    lr: float = option(5e-4, help="peak AdamW learning rate (per-iteration cosine after warmup)")
+    min_lr: float = option(1e-6, help="final learning rate")
+    warmup_steps: int = option(20, help="linear LR warmup steps")
+    weight_decay: float = option(0.04, help="initial weight decay (cosine to weight_decay_end)")
+    weight_decay_end: float = option(0.2, help="final weight decay")
+    ema_momentum: float = option(0.992, help="initial EMA teacher momentum (cosine to ema_momentum_end)")
+    ema_momentum_end: float = option(1.0, help="final EMA teacher momentum")
+    clip_grad: float = option(3.0, help="total-norm gradient clipping (0: off)")
+    grad_accum: int = option(1, help="gradient accumulation micro-steps per optimizer step")
+    activation_checkpointing: bool = option(False, help="recompute Swin blocks in backward (memory mode)")
+    precision: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
+    compile: bool = option(False, help="torch.compile the Swin blocks (regional compilation)")
+    shuffle_buffer: int = option(256, help="rows in each worker's shuffle buffer")
+    loader_workers: int = option(0, help="background decode/augment threads per worker (0: auto)")
+    seed: int = option(0, help="seed of init, augmentation and shuffling")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for k in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+            )
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers."""
+
+    num_workers: int = option(1, help="training workers (one per GPU when use_gpu)")
+    use_gpu: bool = option(False, help="train on GPUs (NCCL) instead of CPUs (gloo)")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker (0.5 lets 2 workers share 2 CPUs)")
+    gpus_per_worker: float = option(1.0, help="GPUs per worker when use_gpu")
+    max_failures: int = option(3, help="restarts of the worker group after a lost worker or node")
+    address: str = option("", help="Ray address (empty: the job's cluster or a new local Ray)")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """The Swin student and its heads."""
+
+    student: str = option(
+        "swin_deo_tiny",
+        help="swin_deo_tiny (about 3M params, tests/default), or a timm Swin name such as "
+        "swin_tiny_patch4_window7_224 (reference) or swin_base_patch4_window7_224 (paper)",
+    )
+    rgb_weights: str = option("", help="ImageNet-style timm Swin weights (path/URI) for the RGB patch embed and stages")
+    ms_embed_init: str = option(
+        "spectral", help="MS patch-embed init: spectral (copy RGB kernels to the nearest bands, mean elsewhere) or random"
+    )
+    head_hidden: int = option(2048, help="head_ms MLP hidden width")
+    head_out: int = option(256, help="head_ms output width d")
+    head_layers: int = option(3, help="head_ms MLP layers")
+    drop_path: float = option(0.1, help="stochastic depth rate of the student")
+    init_from: str = option("", help="continual pretraining: start from this backbone (exported deo or timm) and keep it frozen as domain teacher")
+    sar: bool = option(False, help="add a 2-channel SAR patch embedding (needs a `sar` column)")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen DINOv3 optical teacher."""
+
+    name: str = option(
+        "vit_deo_tiny_dinov3",
+        help="vit_deo_tiny_dinov3 (random tiny DINOv3-shaped ViT) or a timm vit_*_patch16_dinov3* name",
+    )
+    weights: str = option("", help="DINOv3 weights: path or s3:// URI (safetensors, timm or Meta .pth); empty: random init with a warning")
+    layers: list[int] = option([2, 3], help="0-based blocks for [p]_mid and [p]_F (ViT-B/16: [8, 11])")
+    dtype: str = option("auto", help="teacher compute dtype: auto (bf16 on GPU), fp32, bf16")
+
+
+@dataclass
+class ViewConfig:
+    """Multi-crop views (same geometry for MS and optical)."""
+
+    global_size: int = option(64, help="global view side in MS pixels (paper: 224)")
+    local_size: int = option(32, help="local view side (paper: 96)")
+    optical_global_size: int = option(64, help="optical global view side fed to the teacher (paper: 224)")
+    n_global: int = option(2, help="global views per sample")
+    n_local: int = option(4, help="local views per sample (paper: 10)")
+    global_scale: list[float] = option([0.4, 1.0], help="global crop area range")
+    local_scale: list[float] = option([0.05, 0.4], help="local crop area range")
+    uniform_local: bool = option(False, help="SatDINO uniform view sampling: one local view per segment of local_scale")
+
+    def __post_init__(self) -> None:
+        if self.n_global != 2:
+            raise ValueError(f"views.n_global must be 2 (pairs of global views), got {self.n_global}")
+        for k in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, k)
+            if not 0 < lo < hi <= 1:
+                raise ValueError(f"views.{k} must be [lo, hi] with 0 < lo < hi <= 1, got {[lo, hi]}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the objective L = -C - gamma R - (a1 cls + a2 pF + a3 pmid) + lambda MSAD + w GSD."""
+
+    alpha1: float = option(1.0, help="weight of the optical [cls] cosine")
+    alpha2: float = option(0.5, help="weight of the optical final-patch cosine")
+    alpha3: float = option(0.5, help="weight of the optical intermediate-patch cosine")
+    gamma: float = option(1.0, help="weight of the coding rate R (expansion)")
+    eps: float = option(0.05, help="coding-rate epsilon (plays the role of eps^2)")
+    msad_lambda: float = option(0.0, help="weight of X-STARS MSAD (X-STARS default 0.1; 0: off)")
+    msad_tau: float = option(0.1, help="MSAD temperature")
+    msad_smoothing: float = option(0.3, help="MSAD label smoothing alpha")
+    gsd_weight: float = option(0.0, help="weight of SatDINO log-GSD regression (0: off)")
+
+    def __post_init__(self) -> None:
+        for k in ("alpha1", "alpha2", "alpha3", "gamma", "msad_lambda", "gsd_weight"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"loss.{k} must be >= 0, got {getattr(self, k)}")
+        if self.eps <= 0:
+            raise ValueError(f"loss.eps must be > 0, got {self.eps}")
+        if self.msad_tau <= 0:
+            raise ValueError(f"loss.msad_tau must be > 0, got {self.msad_tau}")
+        if not 0 <= self.msad_smoothing < 1:
+            raise ValueError(f"loss.msad_smoothing must be in [0, 1), got {self.msad_smoothing}")
+
+
+@dataclass
+class ProbeConfig:
+    """In-loop kNN probe (the sweep's objective ``probe/knn_avg``)."""
+
+    every: int = option(0, help="run the kNN probe every N steps (0: off)")
+    dataset: str = option("", help="labelled folder of class subfolders (EuroSAT layout) or a Parquet/CSV list")
+    s2_band_order: str = option("eurosat", help="band order of the probe set's stacked files")
+    max_samples: int = option(512, help="cap on probe samples")
+
+
+@dataclass
+class PretrainConfig:
+    """pipelines/pretrain.py: DEO pretraining (with X-STARS / SatDINO options) on Ray Train."""
+
+    data: str = option("runs/shards/samples", help="shard dataset (folder or URI with manifest.json)")
+    run: RunConfig = nested(RunConfig)
+    train: TrainConfig = nested(TrainConfig)
+    scaling: ScalingConfig = nested(ScalingConfig)
+    model: ModelConfig = nested(ModelConfig)
+    teacher: TeacherConfig = nested(TeacherConfig)
+    views: ViewConfig = nested(ViewConfig)
+    loss: LossConfig = nested(LossConfig)
+    probe: ProbeConfig = nested(ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % (self.scaling.num_workers * self.train.grad_accum):
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by scaling.num_workers="
+                f"{self.scaling.num_workers} x train.grad_accum={self.train.grad_accum}"
+            )

@@ -1,0 +1,142 @@
+"""Shared fixtures: real sample data, a real S3 endpoint (moto server) and a real local Ray.
+
+Nothing here reaches the network: moto listens on 127.0.0.1, Ray is started on loopback (the test
+runner `scripts/test` puts the whole suite in a private network namespace when it can).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEO_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLES = REPO / "data" / "samples"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data: the team's real imagery (README.md there describes each set)."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set DEO_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """data/samples: the real samples committed with the repo."""
+    return SAMPLES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1 plus the environment that points boto, s3fs, pyarrow and GDAL at it."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            # GDAL ignores AWS_ENDPOINT_URL: it has its own keys for S3-compatible endpoints.
+            "AWS_S3_ENDPOINT": f"127.0.0.1:{self.port}",
+            "AWS_HTTPS": "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+            "AWS_NO_SIGN_REQUEST": "NO",
+        }
+
+    def start(self) -> S3Server:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def make_bucket(self, name: str) -> str:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        try:
+            s3.create_bucket(Bucket=name)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return f"s3://{name}"
+
+    def upload_dir(self, local: Path, uri: str) -> str:
+        """Copy a local folder (recursively) to ``uri`` and return it."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint})
+        fs.put(str(local).rstrip("/") + "/", uri.removeprefix("s3://").rstrip("/") + "/", recursive=True)
+        return uri
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint for the session (moto in server mode on a free loopback port)."""
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket per test: ``s3://<name>``."""
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
+    return s3_server.make_bucket(f"{name}-{int(time.time() * 1000) % 100000}")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (2 CPUs, loopback only), shut down at the end of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: int = 900):
+    """Run a pipeline as a user does (``python pipelines/x.py ...``); returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,58 @@
+"""Config loading: defaults <- YAML <- key=value, unknown keys and bad types rejected."""
+
+import pytest
+
+from deo.config import ConfigError, build_config, help_text, load_config, to_yaml
+from deo.train.config import PretrainConfig
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  gamma: 0.5\n  alpha1: 0.25\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(PretrainConfig, ["--config", str(path), "loss.gamma=2", "teacher.layers=[1,3]"])
+    assert cfg.loss.gamma == 2.0  # CLI wins over YAML
+    assert cfg.loss.alpha1 == 0.25  # YAML wins over defaults
+    assert cfg.loss.alpha2 == 0.5  # default kept
+    assert cfg.train.max_steps == 7
+    assert cfg.teacher.layers == [1, 3]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.gama'.*loss.gamma"):
+        build_config(PretrainConfig, overrides=["loss.gama=1"])
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"train.max_step.*bad.yaml"):
+        load_config(PretrainConfig, ["--config", str(path)])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.max_steps"):
+        build_config(PretrainConfig, overrides=["train.max_steps=many"])
+
+
+def test_post_init_validation_is_reported():
+    with pytest.raises(ConfigError, match=r"divisible by scaling.num_workers"):
+        build_config(PretrainConfig, overrides=["train.batch_size=15", "scaling.num_workers=2"])
+
+
+def test_bare_value_is_a_one_item_list():
+    cfg = build_config(PretrainConfig, overrides=["teacher.layers=3"])
+    assert cfg.teacher.layers == [3]
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = build_config(PretrainConfig, overrides=["loss.gamma=0.3", "run.name=x"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config(PretrainConfig, ["--config", str(path)])
+    assert again == cfg
+
+
+def test_help_lists_every_key():
+    text = help_text(PretrainConfig)
+    for key in ("loss.alpha1", "loss.gamma", "scaling.num_workers", "teacher.weights", "probe.every"):
+        assert key in text

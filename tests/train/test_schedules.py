@@ -1,0 +1,27 @@
+"""Per-iteration schedules."""
+
+import numpy as np
+import pytest
+
+from deo.config import build_config
+from deo.train.config import PretrainConfig
+from deo.train.schedules import Schedules, cosine_schedule
+
+
+def test_warmup_then_cosine_hits_both_ends():
+    s = cosine_schedule(1.0, 0.1, 110, warmup_steps=10)
+    assert len(s) == 110
+    assert s[0] == 0.0 and s[5] == pytest.approx(0.5)
+    assert s[10] == pytest.approx(1.0) and s[-1] == pytest.approx(0.1)
+    assert np.all(np.diff(s[10:]) <= 1e-12)  # monotone decay after warmup
+
+
+def test_schedules_follow_config_and_resume_at_step():
+    cfg = build_config(PretrainConfig, overrides=["train.max_steps=50", "train.lr=0.01", "train.warmup_steps=0"])
+    s = Schedules.from_config(cfg.train)
+    lr, wd, m = s.at(0)
+    assert lr == pytest.approx(0.01) and wd == pytest.approx(cfg.train.weight_decay)
+    assert m == pytest.approx(cfg.train.ema_momentum)
+    assert s.at(49)[2] == pytest.approx(cfg.train.ema_momentum_end)
+    again = Schedules.from_config(cfg.train)  # rebuilt on resume: identical values
+    assert again.at(17) == s.at(17)

@@ -1,0 +1,80 @@
+"""Coding rate R (SimDINO expansion term, reference ``MCRLoss`` with expa_type 1) over the global batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deo import dist
+
+
+class CodingRateLoss(nn.Module):
+    """R = mean_v 1/2 logdet(I_d + d / (B eps) Z_v^T Z_v) * (d + B) / (d B), Z_v = (s_v + t_v) / 2.
+
+    B is the GLOBAL batch: with ``gather_distributed`` the d x d matrices Z_v^T Z_v are summed over ranks
+    with gradients (:func:`deo.dist.all_reduce_sum`), so every rank computes the same R. Each rank's
+    gradient w.r.t. its own rows is then ``world_size`` times the single-process gradient, exactly as for
+    any mean-reduced loss, and DDP's gradient averaging restores the single-process update. Every rank
+    must hold the same local batch size. Computed in float32 with autocast off (under bf16 the Cholesky
+    factorisation fails); logdet = 2 sum log diag(cholesky(.)).
+
+    Plain loop it replaces (one process)::
+
+        for v in range(V_g):
+            z = (s[v] + t[v]) / 2                       # (B, d)
+            m = torch.eye(d) + d / (B * eps) * z.T @ z
+            r_v = 0.5 * torch.linalg.slogdet(m)[1] * (d + B) / (d * B)
+        R = mean_v r_v
+    """
+
+    def __init__(self, eps: float = 0.05, gather_distributed: bool = False) -> None:
+        """Set eps (``loss.eps``, the role of epsilon^2) and whether to sum over ranks.
+
+        Raises:
+            ValueError: eps <= 0, or ``gather_distributed`` without an available torch.distributed.
+        """
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"coding-rate eps must be > 0, got {eps}")
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed=True needs torch.distributed, which this build lacks"
+            )
+        self.eps = eps
+        self.gather_distributed = gather_distributed
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """R of the global views.
+
+        Args:
+            student: (V_g, B, d) student embeddings of the global views (this rank's rows).
+            teacher: (V_g, B, d) EMA-teacher embeddings of the same views.
+
+        Returns:
+            (R, {"coding_rate": detached R}); R is maximised (the task subtracts gamma R).
+        """
+        if student.shape != teacher.shape or student.ndim != 3:
+            raise ValueError(
+                f"student and teacher must both be (V_g, B, d), got {tuple(student.shape)} and {tuple(teacher.shape)}"
+            )
+        if self.gather_distributed and not dist.is_distributed():
+            raise ValueError(
+                "gather_distributed=True but no torch.distributed process group is initialised; "
+                "init_process_group first or pass gather_distributed=False"
+            )
+        with torch.autocast(student.device.type, enabled=False):
+            z = (student.float() + teacher.float()) / 2  # (V_g, B, d)
+            cov = z.transpose(1, 2) @ z  # (V_g, d, d)
+            n = z.shape[1]
+            if self.gather_distributed:
+                cov = dist.all_reduce_sum(cov)
+                n = n * dist.get_world_size()
+            d = z.shape[2]
+            eye = torch.eye(d, device=z.device, dtype=z.dtype)
+            m = eye + (d / (n * self.eps)) * cov
+            chol = torch.linalg.cholesky(m)
+            logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (V_g,)
+            r = (0.5 * logdet * (d + n) / (d * n)).mean()
+        return r, {"coding_rate": r.detach()}

@@ -1,0 +1,61 @@
+"""EMA teacher of the MS branch: a frozen copy of the student and ``head_ms`` updated by foreach lerp."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMATeacher(nn.Module):
+    """Exponential moving average of a module, updated with ``torch._foreach_lerp_``.
+
+    teacher <- m * teacher + (1 - m) * student for float parameters and buffers; other buffers are
+    copied. As in timm's ``ModelEmaV3``, the result depends on the order of init, device move and DDP
+    wrapping: build the EMA from the UNWRAPPED student AFTER moving it to its device and BEFORE the
+    first optimizer step, and always update from the unwrapped module (``ddp.module``), never from
+    a DDP wrapper (whose parameter names differ).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        """Deep-copy ``model`` (unwrapped, already on its device) into a frozen, eval-mode teacher."""
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Stay in eval mode (the teacher has no dropout or drop path at use)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, momentum: float) -> None:
+        """Lerp towards ``model`` (same structure as the copied one) with weight ``1 - momentum``."""
+        ema_p, src_p = [], []
+        for (name, e), (name_s, s) in zip(
+            self.module.named_parameters(), model.named_parameters(), strict=True
+        ):
+            if name != name_s:
+                raise ValueError(
+                    f"EMA and model parameters differ: {name!r} vs {name_s!r} (pass the unwrapped model)"
+                )
+            ema_p.append(e)
+            src_p.append(s.detach())
+        ema_b, src_b = [], []
+        for e, s in zip(self.module.buffers(), model.buffers(), strict=True):
+            if e.is_floating_point():
+                ema_b.append(e)
+                src_b.append(s.detach())
+            else:
+                e.copy_(s)
+        weight = 1.0 - momentum
+        if ema_p:
+            torch._foreach_lerp_(ema_p, src_p, weight)
+        if ema_b:
+            torch._foreach_lerp_(ema_b, src_b, weight)
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """Run the averaged module without gradients."""
+        with torch.no_grad():
+            return self.module(*args, **kwargs)

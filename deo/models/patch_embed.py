@@ -1,0 +1,63 @@
+"""Per-modality patch embeddings of the student (MS 10 bands, optical RGB, optional SAR VV/VH).
+
+All embeddings map to the same width and grid, so the Swin stages after them are shared.
+
+Initialisation (``model.ms_embed_init``):
+- optical: the given RGB weights (``model.rgb_weights``, a timm Swin checkpoint) or timm's random init.
+- ms ``spectral``: the RGB kernels are copied to the matching S2 bands (R -> B04, G -> B03, B -> B02) and
+  the mean RGB kernel to the seven other bands; all ten are then scaled by 3/10 so that a spatially flat
+  input of equal normalised value in every channel gives the same response as the RGB embedding.
+- ms ``random``: timm's default init. SAR is always random (no optical analogue).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+
+from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
+
+MS_EMBED_INITS = ("spectral", "random")
+MODALITY_BANDS: dict[str, tuple[str, ...]] = {
+    "ms": DEO_BANDS,
+    "optical": RGB_BANDS,
+    "sar": SAR_BANDS,
+}
+"""Input bands of each modality, in channel order."""
+
+_RGB_TO_S2 = {"R": "B04", "G": "B03", "B": "B02"}
+
+
+def make_patch_embed(in_chans: int, embed_dim: int, patch_size: int, img_size: int) -> PatchEmbed:
+    """A timm PatchEmbed (B, in_chans, H, W) -> (B, H/p, W/p, embed_dim) accepting any input size."""
+    return PatchEmbed(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        norm_layer=torch.nn.LayerNorm,
+        strict_img_size=False,
+        output_fmt="NHWC",
+    )
+
+
+@torch.no_grad()
+def init_ms_from_rgb(ms: PatchEmbed, rgb: PatchEmbed) -> None:
+    """The ``spectral`` init: copy RGB kernels to B04/B03/B02, the mean RGB kernel elsewhere, scale by 3/10.
+
+    Args:
+        ms: 10-channel embedding (channels in :data:`deo.bands.DEO_BANDS` order), modified in place.
+        rgb: 3-channel embedding (R, G, B).
+    """
+    w = rgb.proj.weight  # (C, 3, p, p)
+    if ms.proj.weight.shape[1] != len(DEO_BANDS) or w.shape[1] != 3:
+        raise ValueError(
+            f"expected a 10-channel MS and 3-channel RGB embed, got {ms.proj.weight.shape[1]} and {w.shape[1]}"
+        )
+    new = w.mean(dim=1, keepdim=True).expand(-1, len(DEO_BANDS), -1, -1).clone()
+    for c, name in enumerate(RGB_BANDS):
+        new[:, DEO_BANDS.index(_RGB_TO_S2[name])] = w[:, c]
+    ms.proj.weight.copy_(new * (3 / len(DEO_BANDS)))
+    ms.proj.bias.copy_(rgb.proj.bias)
+    if ms.norm is not None and rgb.norm is not None:
+        ms.norm.load_state_dict(rgb.norm.state_dict())

@@ -1,0 +1,131 @@
+"""Swin blocks whose attention window adapts to each input's token grid, so no crop size pays for padding.
+
+timm's Swin fixes each block's window when the model is built (``img_size``) and, for other input sizes
+(``strict_img_size=False``), zero-pads the token grid up to a multiple of the window: a 96 px local crop of
+Swin-T has a 24 x 24 stage-1 grid padded to 28 x 28 (36% wasted tokens, and the padded zeros take part in
+attention). :class:`AdaptiveWindowBlock` instead uses, per forward, the largest window <= the built one
+that divides the grid (the whole grid when it is smaller than the window, as timm does at build time), with
+the shift halved accordingly. The relative-position bias of a smaller window is the sub-table of the built
+one (the same relative offsets), so parameters and timm checkpoints are unchanged.
+
+Swin-T with window 7: global 224 px -> stage grids 56/28/14/7, windows 7/7/7/7 (as built); local 96 px ->
+grids 24/12/6/3, windows 6/6/6/3 (no padding). Tiny (window 8): 64 px -> 16/8/4/2, windows 8/8/4/2;
+32 px -> 8/4/2/1, windows 8/4/2/1. A grid with no divisor >= half the window (a prime, say) falls back to
+timm's padding with the built window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    window_partition,
+    window_reverse,
+)
+
+
+def effective_window(grid: int, window: int) -> int:
+    """The window used for a ``grid``-token side with a block built for ``window``.
+
+    Returns ``grid`` when it fits in one window, else the largest divisor of ``grid`` in
+    ``[ceil(window / 2), window]``, else ``window`` (then the grid is padded as in timm).
+    """
+    if grid <= window:
+        return grid
+    for w in range(window, (window + 1) // 2 - 1, -1):
+        if grid % w == 0:
+            return w
+    return window
+
+
+def _shift_mask(
+    hp: int, wp: int, win: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Attention mask (nW, win_area, win_area) of shifted windows: -100 between tokens of different regions."""
+    img = torch.zeros((1, hp, wp, 1), device=device)
+    cnt = 0
+    for h in ((0, -win[0]), (-win[0], -shift[0]), (-shift[0], None)):
+        for w in ((0, -win[1]), (-win[1], -shift[1]), (-shift[1], None)):
+            img[:, h[0] : h[1], w[0] : w[1], :] = cnt
+            cnt += 1
+    mw = window_partition(img, win).view(-1, win[0] * win[1])
+    mask = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def _rel_index(win: tuple[int, int], built: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Indices (win_area, win_area) into the bias table of a ``built`` window for a smaller ``win``."""
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(win[0], device=device), torch.arange(win[1], device=device), indexing="ij"
+        )
+    ).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + built[0] - 1) * (2 * built[1] - 1) + (rel[1] + built[1] - 1)
+
+
+class AdaptiveWindowBlock(SwinTransformerBlock):
+    """A timm :class:`SwinTransformerBlock` whose window follows the input grid (see module docstring).
+
+    Masks and bias indices are cached per (grid, device): a training run sees two or three grid sizes.
+    """
+
+    _cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]]
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """Windowed attention of ``x`` (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        built = tuple(self.attn.window_size)
+        win = (effective_window(h, built[0]), effective_window(w, built[1]))
+        shifted = any(self.target_shift_size)
+        shift = (
+            win[0] // 2 if shifted and h > win[0] else 0,
+            win[1] // 2 if shifted and w > win[1] else 0,
+        )
+        key = (h, w, win, shift, x.device)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            hp, wp = -(-h // win[0]) * win[0], -(-w // win[1]) * win[1]
+            mask = _shift_mask(hp, wp, win, shift, x.device) if any(shift) else None
+            cache[key] = (mask, _rel_index(win, built, x.device))
+        mask, index = cache[key]
+
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        pad_h, pad_w = (win[0] - h % win[0]) % win[0], (win[1] - w % win[1]) % win[1]
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        hp, wp = x.shape[1], x.shape[2]
+        n = win[0] * win[1]
+        xw = window_partition(x, win).view(-1, n, c)  # (nW*B, N, C)
+
+        attn = self.attn
+        qkv = attn.qkv(xw).reshape(xw.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (nW*B, heads, N, hd)
+        bias = (
+            attn.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        )  # (heads, N, N)
+        bias = bias.unsqueeze(0).to(q.dtype)
+        if mask is not None:
+            # windows are ordered (batch, window): window w of every image gets mask[w]
+            bias = (bias + mask.unsqueeze(1).to(q.dtype)).repeat(b, 1, 1, 1)  # (B*nW, heads, N, N)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xw.shape[0], n, -1)))
+
+        x = window_reverse(out.view(-1, win[0], win[1], c), win, hp, wp)[:, :h, :w, :]
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x.contiguous()
+
+
+def make_windows_adaptive(model: SwinTransformer) -> SwinTransformer:
+    """Turn every block of a timm Swin into an :class:`AdaptiveWindowBlock` in place (same parameters)."""
+    for stage in model.layers:
+        for block in stage.blocks:
+            if not isinstance(block, SwinTransformerBlock):
+                raise ValueError(f"expected timm SwinTransformerBlock, got {type(block).__name__}")
+            block.__class__ = AdaptiveWindowBlock
+    return model

@@ -1,0 +1,287 @@
+"""The DEO training task: student + heads, EMA teacher, frozen DINOv3 teacher -> a dict of loss terms.
+
+Launcher-agnostic (no Ray, no optimizer): the loop calls ``task(views, step)``, backpropagates
+``out["loss"]``, steps its optimizer over ``task.trainable.parameters()`` and calls
+``task.update_ema(momentum)``. DDP wraps exactly ``task.trainable``
+(``task.trainable = prepare_model(task.trainable)``): every student forward goes through it.
+
+Objective (DESIGN Method):
+    L = -C - gamma R - (alpha1 cls_cos + alpha2 pF_cos + alpha3 pmid_cos) + lambda MSAD + w_gsd GSD
+A weight of 0 skips its term's computation (and its head's forward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deo import dist
+from deo.losses import CodingRateLoss, CompressionLoss, GSDLoss, MSADLoss, OpticalDistillLoss
+from deo.models.dinov3 import DINOv3Teacher, build_teacher
+from deo.models.ema import EMATeacher
+from deo.models.heads import MLPHead
+from deo.models.student import DEOStudent, build_student
+
+MS_BRANCH = ("student", "head_ms")
+"""Submodules of :class:`DEOTrainable` averaged into the EMA teacher."""
+
+
+def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resample NHWC tokens (B, h, w, D) to (B, H*W, D) on ``grid`` (identity if equal)."""
+    if tuple(tokens.shape[1:3]) == tuple(grid):
+        return tokens.flatten(1, 2)
+    x = F.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+class DEOTrainable(nn.Module):
+    """Everything that gets gradients: the student and all its heads (the module DDP wraps).
+
+    Attributes:
+        student: :class:`DEOStudent`.
+        head_ms: 3-layer MLP on the pooled MS feature, L2-normalised (d = ``model.head_out``).
+        head_cls, head_pF, head_pmid: MLPs onto the teacher width (pooled, stage-4, stage-3 tokens).
+        psi_a, psi_b: MSAD linear projections (MS and partner sensor), when ``loss.msad_lambda`` > 0.
+        head_gsd: linear log-GSD regressor on the pooled MS feature, when ``loss.gsd_weight`` > 0.
+    """
+
+    def __init__(self, cfg: Any, teacher_dim: int) -> None:
+        """Build from a ``PretrainConfig``; ``teacher_dim`` is the DINOv3 width (0: no optical heads)."""
+        super().__init__()
+        m, loss = cfg.model, cfg.loss
+        self.student: DEOStudent = build_student(m, img_size=cfg.views.global_size)
+        c, c3 = self.student.num_features, self.student.stage_dims[-2]
+        self.head_ms = MLPHead(c, m.head_out, m.head_hidden, m.head_layers, normalize=True)
+        self.use = {
+            "cls": loss.alpha1 > 0 and teacher_dim > 0,
+            "pF": loss.alpha2 > 0 and teacher_dim > 0,
+            "pmid": loss.alpha3 > 0 and teacher_dim > 0,
+            "msad": loss.msad_lambda > 0,
+            "gsd": loss.gsd_weight > 0,
+        }
+        if self.use["cls"]:
+            self.head_cls = MLPHead(c, teacher_dim, m.head_hidden, m.head_layers)
+        if self.use["pF"]:
+            self.head_pF = MLPHead(c, teacher_dim, m.head_hidden, m.head_layers)
+        if self.use["pmid"]:
+            self.head_pmid = MLPHead(c3, teacher_dim, m.head_hidden, m.head_layers)
+        if self.use["msad"]:
+            self.msad_partner = "sar" if m.sar else "optical"
+            self.psi_a = nn.Linear(c, m.head_out)
+            self.psi_b = nn.Linear(c, m.head_out)
+        if self.use["gsd"]:
+            self.head_gsd = nn.Linear(c, 1)
+
+    def _ms_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, B, 10, S, S) -> final tokens (V*B, h, w, C) and pooled (V*B, C)."""
+        tok = self.student.forward_features(x.flatten(0, 1), "ms")
+        return tok, tok.mean(dim=(1, 2))
+
+    def forward(
+        self, views: dict[str, torch.Tensor], teacher_grid: tuple[int, int] = (0, 0)
+    ) -> dict[str, torch.Tensor]:
+        """Student outputs for every term in use.
+
+        Args:
+            views: ``ms_global`` (V_g, B, 10, G, G), ``ms_local`` (V_l, B, 10, L, L), and as needed
+                ``opt_global`` (V_g, B, 3, Go, Go), ``opt_local`` (V_l, B, 3, Lo, Lo), ``sar_global``.
+            teacher_grid: DINOv3 patch grid (h, w) of the optical global views.
+
+        Returns:
+            ``s_ms`` (V, B, d); ``s_cls`` (V, B, D_t); ``s_pF``, ``s_pmid`` (V_g, B, N_t, D_t); ``va``,
+            ``vb`` (V_g*B, T, d); ``gsd`` (V, B) predicted log-GSD — each only when its term is used.
+        """
+        g, loc = views["ms_global"], views["ms_local"]
+        vg, b = g.shape[:2]
+        out: dict[str, torch.Tensor] = {}
+        tok_g, pool_g = self._ms_embed(g)
+        tok_l, pool_l = self._ms_embed(loc)
+        pooled = torch.cat([pool_g, pool_l])  # (V*B, C), global views first
+        out["s_ms"] = self.head_ms(pooled).view(-1, b, self.head_ms.mlp[-1].out_features)
+        if self.use["gsd"]:
+            out["gsd"] = self.head_gsd(pooled).view(-1, b)
+        if (
+            self.use["cls"]
+            or self.use["pF"]
+            or self.use["pmid"]
+            or (self.use["msad"] and self.msad_partner == "optical")
+        ):
+            og = views["opt_global"].flatten(0, 1)
+            final, stages = self.student.stages(og, "optical", [len(self.student.stage_dims) - 2])
+            if self.use["cls"]:
+                pooled_o = [final.mean(dim=(1, 2))]
+                if "opt_local" in views:
+                    pooled_o.append(
+                        self.student.pooled(views["opt_local"].flatten(0, 1), "optical")
+                    )
+                out["s_cls"] = self.head_cls(torch.cat(pooled_o)).view(
+                    -1, b, self.head_cls.mlp[-1].out_features
+                )
+            # heads on the student grid, then resampled: the MLP runs on 4x fewer tokens than after resampling
+            if self.use["pF"]:
+                out["s_pF"] = _to_grid(self.head_pF(final), teacher_grid).view(
+                    vg, b, -1, self.head_pF.mlp[-1].out_features
+                )
+            if self.use["pmid"]:
+                mid = next(iter(stages.values()))
+                out["s_pmid"] = _to_grid(self.head_pmid(mid), teacher_grid).view(
+                    vg, b, -1, self.head_pmid.mlp[-1].out_features
+                )
+            opt_final = final
+        if self.use["msad"]:
+            if self.msad_partner == "sar":
+                opt_final = self.student.forward_features(views["sar_global"].flatten(0, 1), "sar")
+            grid = tuple(tok_g.shape[1:3])
+            out["va"] = self.psi_a(tok_g.flatten(1, 2))
+            out["vb"] = self.psi_b(
+                _to_grid(opt_final, grid)
+            )  # same grid as MS (both views share geometry)
+        return out
+
+
+class DEOTask(nn.Module):
+    """Student + heads (``trainable``), EMA teacher (``ema``), frozen DINOv3 (``teacher``) and the losses.
+
+    ``task(views, step)`` returns ``{"loss": total, "compression": C, "coding_rate": R, "cls_cos": ...,
+    "pF_cos": ..., "pmid_cos": ..., "msad": ..., "gsd": ...}`` (terms in use, detached except "loss").
+    """
+
+    def __init__(
+        self, cfg: Any, device: torch.device | str = "cpu", check_finite: bool = True
+    ) -> None:
+        """Build every part from a ``PretrainConfig`` on ``device``.
+
+        Args:
+            cfg: ``deo.train.config.PretrainConfig``.
+            device: where the modules live (the DINOv3 teacher is cast to bf16 on CUDA with dtype auto).
+            check_finite: raise on a non-finite loss every step (one host sync per step).
+        """
+        super().__init__()
+        if len(cfg.teacher.layers) != 2:
+            raise ValueError(
+                f"teacher.layers must be [mid, final] block indices, got {cfg.teacher.layers}"
+            )
+        loss = cfg.loss
+        self.cfg = cfg
+        device = torch.device(device)
+        needs_teacher = loss.alpha1 > 0 or loss.alpha2 > 0 or loss.alpha3 > 0
+        self.teacher: DINOv3Teacher | None = (
+            build_teacher(cfg.teacher, device) if needs_teacher else None
+        )
+        dim = self.teacher.embed_dim if self.teacher is not None else 0
+        self.trainable: nn.Module = DEOTrainable(cfg, dim).to(device)
+        self.ema = EMATeacher(self._ms_branch(self.trainable))
+        self.compression = CompressionLoss()
+        self.coding_rate = CodingRateLoss(loss.eps, gather_distributed=dist.is_distributed())
+        self.optical = (
+            OpticalDistillLoss(loss.alpha1, loss.alpha2, loss.alpha3) if needs_teacher else None
+        )
+        self.msad = MSADLoss(loss.msad_tau, loss.msad_smoothing) if loss.msad_lambda > 0 else None
+        self.gsd = GSDLoss() if loss.gsd_weight > 0 else None
+        self.check_finite_every_step = check_finite
+
+    @staticmethod
+    def _ms_branch(trainable: nn.Module) -> nn.ModuleDict:
+        """The (unwrapped) student and head_ms as one module, the structure the EMA averages."""
+        t = getattr(trainable, "module", trainable)  # DDP wrapper -> module
+        return nn.ModuleDict({k: getattr(t, k) for k in MS_BRANCH})
+
+    def train(self, mode: bool = True) -> DEOTask:
+        """Set train mode on the trainable part; teachers stay in eval."""
+        super().train(mode)
+        self.ema.train(False)
+        if self.teacher is not None:
+            self.teacher.train(False)
+        return self
+
+    @torch.no_grad()
+    def update_ema(self, momentum: float) -> None:
+        """EMA teacher <- momentum * teacher + (1 - momentum) * student (foreach lerp)."""
+        self.ema.update(self._ms_branch(self.trainable), momentum)
+
+    @torch.no_grad()
+    def _teachers(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """EMA MS embeddings ``t_ms`` (V_g, B, d) and DINOv3 ``t_cls`` (V_g, B, D), ``t_pmid``/``t_pF`` (V_g, B, N, D)."""
+        g = views["ms_global"]
+        vg, b = g.shape[:2]
+        ms = self.ema.module
+        tok = ms["student"].forward_features(g.flatten(0, 1), "ms")
+        out = {"t_ms": ms["head_ms"](tok.mean(dim=(1, 2))).view(vg, b, -1)}
+        if self.teacher is not None:
+            cls, (mid, fin) = self.teacher(views["opt_global"].flatten(0, 1))
+            out["t_cls"] = cls.view(vg, b, -1)
+            out["t_pmid"] = mid.view(vg, b, mid.shape[1], -1)
+            out["t_pF"] = fin.view(vg, b, fin.shape[1], -1)
+        return out
+
+    def teacher_grid(self, views: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """DINOv3 patch grid of the optical global views ((0, 0) without a teacher)."""
+        if self.teacher is None:
+            return (0, 0)
+        h, w = views["opt_global"].shape[-2:]
+        return (h // self.teacher.patch_size, w // self.teacher.patch_size)
+
+    def forward(self, views: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Compute every loss term of one step.
+
+        Args:
+            views: augmented, normalised views (see :meth:`DEOTrainable.forward`), plus ``gsd_global``
+                (V_g, B) and ``gsd_local`` (V_l, B) target GSDs in metres when ``loss.gsd_weight`` > 0.
+            step: optimizer step (for error messages).
+
+        Returns:
+            ``loss`` (scalar with graph) and each term's detached value.
+
+        Raises:
+            FloatingPointError: a term is NaN or Inf (names the term, step and rank).
+        """
+        loss_cfg = self.cfg.loss
+        t = self._teachers(views)
+        s = self.trainable(views, self.teacher_grid(views))
+        vg = t["t_ms"].shape[0]
+        c, parts = self.compression(t["t_ms"], s["s_ms"])
+        total = -c
+        logs = dict(parts)
+        if loss_cfg.gamma > 0:
+            r, p = self.coding_rate(s["s_ms"][:vg], t["t_ms"])
+            total = total - loss_cfg.gamma * r
+            logs.update(p)
+        if self.optical is not None:
+            o, p = self.optical(
+                s.get("s_cls"),
+                t.get("t_cls"),
+                s.get("s_pF"),
+                t.get("t_pF"),
+                s.get("s_pmid"),
+                t.get("t_pmid"),
+            )
+            total = total - o
+            logs.update(p)
+        if self.msad is not None:
+            m, p = self.msad(s["va"], s["vb"])
+            total = total + loss_cfg.msad_lambda * m
+            logs.update(p)
+        if self.gsd is not None:
+            target = torch.cat([views["gsd_global"], views["gsd_local"]])
+            gl, p = self.gsd(s["gsd"], target.to(s["gsd"].device))
+            total = total + loss_cfg.gsd_weight * gl
+            logs.update(p)
+        out = {"loss": total, **logs}
+        if self.check_finite_every_step:
+            self.check_finite(out, step)
+        return out
+
+    @staticmethod
+    def check_finite(out: dict[str, torch.Tensor], step: int) -> None:
+        """Raise FloatingPointError naming the first non-finite term (one host sync for all terms)."""
+        names = list(out)
+        values = torch.stack([out[k].detach().float().reshape(()) for k in names])
+        if bool(torch.isfinite(values).all()):
+            return
+        vals = values.tolist()
+        bad = [f"loss.{k}={v}" for k, v in zip(names, vals, strict=True) if not math.isfinite(v)]
+        raise FloatingPointError(f"{', '.join(bad)} at step {step}, rank {dist.get_rank()}")

@@ -10,6 +10,11 @@ The data position is ``(epoch, samples consumed)`` plus the segments of that epo
 ``(world_size, batches)``. Replaying the segments reproduces exactly which rows were consumed, so a run
 resumed with another number of workers continues the epoch with the remaining rows: none repeated,
 none skipped (beyond the per-epoch tail that does not fill a global batch).
+
+With ``order="global"`` the composition of every global batch is independent of the world size instead
+(one global stream, worker ``r`` takes slice ``r`` of each batch): runs with 1 and N workers see the
+same batches, at the price of workers reading overlapping row groups. Use it for exact comparisons
+across world sizes; ``"lanes"`` is the default for large data on object storage.
 """
 
 from __future__ import annotations
@@ -99,9 +104,12 @@ def _deal(stream: Stream, world_size: int, seed: int, epoch: int, segment: int,
     return lanes
 
 
+ORDERS = ("lanes", "global")
+
+
 def lane_streams(units: list[tuple[int, int, np.ndarray]], seed: int, epoch: int,
                  global_batch: int, world_size: int, segments: list[list[int]],
-                 shuffle_buffer: int) -> list[Stream]:
+                 shuffle_buffer: int, order: str = "lanes") -> list[Stream]:
     """The rows left to read in this epoch, per lane, for the current ``world_size``.
 
     Args:
@@ -112,6 +120,16 @@ def lane_streams(units: list[tuple[int, int, np.ndarray]], seed: int, epoch: int
     Returns:
         ``world_size`` streams; lane ``r`` is what worker ``r`` reads from now on.
     """
+    if order not in ORDERS:
+        raise ValueError(f"data order must be one of {ORDERS}, got {order!r}")
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} not divisible by world size {world_size}")
+    if order == "global":
+        stream = _deal(units_to_stream(units, seed, epoch), 1, seed, epoch, 0, shuffle_buffer)[0]
+        consumed = sum(w_b[1] for w_b in segments) * global_batch
+        n = (len(stream) - consumed) // global_batch
+        rest = stream[consumed : consumed + n * global_batch].reshape(n, world_size, -1, 3)
+        return [rest[:, r].reshape(-1, 3) for r in range(world_size)]
     remaining = units_to_stream(units, seed, epoch)
     for i, (w, batches) in enumerate(segments):
         if global_batch % w:

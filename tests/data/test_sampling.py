@@ -62,3 +62,17 @@ def test_position_round_trips():
     assert DataPosition.from_dict(pos.to_dict()) == pos
     pos.next_epoch()
     assert (pos.epoch, pos.samples, pos.segments) == (3, 0, [])
+
+
+def test_global_order_gives_the_same_batches_for_any_world_size():
+    units = make_units([12, 9, 15, 8, 14, 10])
+    B = 8
+    one = lane_streams(units, 5, 0, B, 1, [], 16, order="global")[0]
+    two = lane_streams(units, 5, 0, B, 2, [], 16, order="global")
+    for g in range(3):
+        batch_one = one[g * B:(g + 1) * B]
+        batch_two = np.concatenate([two[0][g * 4:(g + 1) * 4], two[1][g * 4:(g + 1) * 4]])
+        assert (batch_one == batch_two).all()
+    # resumed after 2 batches with 4 workers: continues at batch 2 of the same stream
+    four = lane_streams(units, 5, 0, B, 4, [[1, 1], [2, 1]], 16, order="global")
+    assert (np.concatenate([lane[:2] for lane in four]) == one[2 * B:3 * B]).all()

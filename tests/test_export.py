@@ -1,0 +1,124 @@
+"""Export a checkpoint to safetensors and load it back through deo.load_backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deo
+from deo.bands import DEO_BANDS
+from deo.config import to_dict
+from deo.eval.checkpoint import load_checkpoint_student, resolve_checkpoint, weights_sha256
+from deo.export import export_checkpoint, load_backbone, read_export, read_header
+from deo.io import storage
+from deo.models.student import build_student
+from deo.train.config import PretrainConfig
+
+STATS = {
+    "ms": {"mean": [float(1000 + 100 * i) for i in range(10)], "std": [float(500 + 10 * i) for i in range(10)]},
+    "optical": {"mean": [90.0, 100.0, 80.0], "std": [40.0, 35.0, 30.0]},
+}
+
+
+def write_run(run: str, steps=(5, 10)) -> dict[int, torch.nn.Module]:
+    """A run folder with one checkpoint_* per step, each with a different random student."""
+    cfg = PretrainConfig()
+    students = {}
+    for step in steps:
+        torch.manual_seed(step)
+        student = build_student(cfg.model, img_size=cfg.views.global_size)
+        state = {"student": student.state_dict(), "config": to_dict(cfg), "step": step,
+                 "stats": STATS, "bands": DEO_BANDS}
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(run, f"checkpoint_{step:08d}", "state.pt"), buf.getvalue())
+        students[step] = student.eval()
+    return students
+
+
+def test_export_then_load_gives_identical_features(tmp_path):
+    run = str(tmp_path / "runs" / "default")
+    students = write_run(run)
+    assert resolve_checkpoint(run).endswith("checkpoint_00000010")
+    out, header = export_checkpoint(run)
+    assert out == f"{run}/backbone.safetensors"
+    assert json.loads(header["bands"])["ms"] == list(DEO_BANDS)
+    assert json.loads(header["stats"]) == STATS and json.loads(header["step"]) == 10
+    assert read_header((tmp_path / "runs/default/backbone.safetensors").read_bytes())["format"] == "deo-backbone"
+
+    net = deo.load_backbone(out, bands=list(DEO_BANDS))
+    x = torch.rand(2, 10, 64, 64) * 3000
+    with torch.no_grad():
+        want = students[10].forward_features(net.normalise(x, "ms"), "ms")
+        got = net.forward_features(net.normalise(x, "ms"), "ms")
+        other = students[5].forward_features(net.normalise(x, "ms"), "ms")
+    assert got.shape == (2, 2, 2, net.num_features)  # timm NHWC, 64 px / 32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, other)  # the latest checkpoint was exported, not the first
+    manual = (x - torch.tensor(STATS["ms"]["mean"])[:, None, None]) / torch.tensor(STATS["ms"]["std"])[:, None, None]
+    torch.testing.assert_close(net.normalise(x, "ms"), manual)
+
+    final, stages = net.forward_intermediates(manual, "ms", indices=[1, 3])
+    ref_final, ref_stages = students[10].forward_intermediates(manual, "ms", indices=[1, 3])
+    assert [tuple(s.shape) for s in stages] == [(2, 64, 8, 8), (2, 256, 2, 2)]  # NCHW per stage
+    for a, b in zip(stages, ref_stages, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # the checkpoint and its export name the same weights
+    _, _, meta = load_checkpoint_student(run)
+    state, emeta = read_export(out)
+    assert meta["weights_sha256"] == emeta["weights_sha256"] == weights_sha256(students[10].state_dict())
+    assert net.weights_sha256 == meta["weights_sha256"]
+
+
+def test_wrong_bands_and_channels_raise(tmp_path):
+    run = str(tmp_path / "run")
+    write_run(run, steps=(1,))
+    out, _ = export_checkpoint(run, str(tmp_path / "b.safetensors"))
+    swapped = list(DEO_BANDS)
+    swapped[7], swapped[8] = swapped[8], swapped[7]
+    with pytest.raises(ValueError, match="B8A,B11"):
+        load_backbone(out, bands=swapped)
+    with pytest.raises(ValueError, match="do not match"):
+        load_backbone(out, bands={"optical": ["B", "G", "R"]})
+    net = load_backbone(out, bands={"ms": [b.lower() for b in DEO_BANDS], "optical": ["r", "g", "b"]})
+    with pytest.raises(ValueError, match=r"\(B, 10, H, W\)"):
+        net.forward_features(torch.zeros(1, 13, 64, 64), "ms")
+    with pytest.raises(ValueError, match="do not match"):
+        net.forward_features(torch.zeros(1, 10, 64, 64), "ms", bands=swapped)
+    with pytest.raises(ValueError, match="modality"):
+        net.forward_features(torch.zeros(1, 2, 64, 64), "sar")
+
+
+def test_export_and_load_through_s3(tmp_path, s3_bucket):
+    run = f"{s3_bucket}/runs/default"
+    students = write_run(run, steps=(3,))
+    out, _ = export_checkpoint(run)
+    assert out == f"{run}/backbone.safetensors" and storage.exists(out)
+    net = load_backbone(out)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_features(x, "optical"), students[3].forward_features(x, "optical"))
+
+
+def test_not_an_export_and_missing_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a deo backbone"):
+        load_backbone(str(tmp_path / "plain.safetensors"))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_backbone(str(tmp_path / "empty_run"))
+
+
+def test_import_deo_stays_light():
+    code = "import sys, deo; print('torch' in sys.modules); print(callable(deo.load_backbone))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+
+from deo.bands import DEO_BANDS
+from deo.models.student import build_student, build_swin
+from deo.models.swin_window import effective_window
+from deo.train.config import ModelConfig
+
+
+def test_effective_windows_tile_reference_grids():
+    # Swin-T window 7: 224 px grids 56/28/14/7, 96 px grids 24/12/6/3 -> no padding anywhere
+    assert [effective_window(g, 7) for g in (56, 28, 14, 7)] == [7, 7, 7, 7]
+    assert [effective_window(g, 7) for g in (24, 12, 6, 3)] == [6, 6, 6, 3]
+    assert effective_window(13, 7) == 7  # prime: timm's padding
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_token_paths_shapes(size):
+    s = build_student(ModelConfig(sar=True), img_size=64)
+    assert s.stage_dims == [32, 64, 128, 256] and s.num_features == 256
+    for modality, ch in (("ms", 10), ("optical", 3), ("sar", 2)):
+        x = torch.randn(2, ch, size, size)
+        assert s.forward_features(x, modality).shape == (2, size // 32, size // 32, 256)
+        assert s.pooled(x, modality).shape == (2, 256)
+        final, inter = s.forward_intermediates(x, modality, indices=[2, 3])
+        assert [tuple(t.shape) for t in inter] == [(2, 128, size // 16, size // 16), (2, 256, size // 32, size // 32)]
+    with pytest.raises(ValueError, match=r"ms input must be \(B, 10, H, W\)"):
+        s.pooled(torch.randn(2, 3, size, size), "ms")
+    with pytest.raises(ValueError, match="modality must be one of"):
+        s.pooled(torch.randn(2, 3, size, size), "hyperspectral")
+
+
+def test_adaptive_window_equals_timm_when_grid_is_built_size():
+    s = build_student(ModelConfig(drop_path=0.0), img_size=64).eval()
+    x = torch.randn(2, 10, 64, 64)
+    ours = s.forward_features(x, "ms")
+    for stage in s.swin.layers:
+        for block in stage.blocks:
+            block.__class__ = SwinTransformerBlock
+    torch.testing.assert_close(ours, s.forward_features(x, "ms"), rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_window_equals_timm_built_for_local_size():
+    # A plain timm Swin built at 96 px with window 6 (clamped by timm to 6/6/6/3 on the 24/12/6/3 grids)
+    # is what our blocks compute for a 96 px crop of a window-7 model, given the central bias sub-tables.
+    torch.manual_seed(0)
+    ours = build_swin("swin_tiny_patch4_window7_224", 224).eval()
+    ref = type(ours)(img_size=96, window_size=6, num_classes=0, strict_img_size=False).eval()
+    state = {k: v for k, v in ours.state_dict().items() if "relative_position_bias_table" not in k}
+    ref.load_state_dict(state, strict=False)
+    n = 0
+    for a, b in zip(ours.modules(), ref.modules(), strict=True):
+        if hasattr(a, "relative_position_bias_table"):
+            c = 7 - b.window_size[0]
+            t = a.relative_position_bias_table.view(13, 13, -1)[c : 13 - c, c : 13 - c]
+            b.relative_position_bias_table.data.copy_(t.reshape(-1, t.shape[-1]))
+            n += 1
+    assert n == 12
+    x = torch.randn(1, 3, 96, 96)
+    torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), rtol=1e-3, atol=1e-4)
+
+
+def test_spectral_init_copies_rgb_kernels():
+    s = build_student(ModelConfig(), img_size=64)
+    w_ms, w_rgb = s.embeds["ms"].proj.weight, s.embeds["optical"].proj.weight
+    for c, band in enumerate(("B04", "B03", "B02")):
+        torch.testing.assert_close(w_ms[:, DEO_BANDS.index(band)], w_rgb[:, c] * 0.3)
+    torch.testing.assert_close(w_ms[:, DEO_BANDS.index("B08")], w_rgb.mean(1) * 0.3)
+
+
+def test_rgb_weights_load_into_optical_embed_and_stages(tmp_path):
+    src = build_swin("swin_deo_tiny", 64)
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": src.state_dict()}, path)
+    s = build_student(ModelConfig(rgb_weights=str(path)), img_size=64)
+    torch.testing.assert_close(s.embeds["optical"].proj.weight, src.patch_embed.proj.weight)
+    torch.testing.assert_close(s.swin.layers[3].blocks[1].mlp.fc1.weight, src.layers[3].blocks[1].mlp.fc1.weight)
+    with pytest.raises(FileNotFoundError):
+        build_student(ModelConfig(rgb_weights=str(tmp_path / "missing.pth")), img_size=64)
+
+
+def test_paper_config_parameter_count():
+    s = build_student(ModelConfig(student="swin_base_patch4_window7_224"), img_size=224)
+    backbone = sum(p.numel() for p in s.swin.parameters())
+    print(f"paper student swin_base backbone parameters: {backbone / 1e6:.2f}M")
+    assert 86e6 < backbone < 88.5e6
+    tiny = sum(p.numel() for p in build_student(ModelConfig(), 64).swin.parameters())
+    assert 2e6 < tiny < 5e6

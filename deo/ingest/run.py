@@ -1,0 +1,365 @@
+"""The ingest run: discover -> probe (scenes -> windows) -> jobs (windows -> tiles -> shards) -> manifest.
+
+The same three steps run on Ray Data (:mod:`deo.ingest.ray_data`) or in a plain loop
+(:func:`ingest` with ``use_ray=False``); both call the functions here, so they write identical shards.
+
+Shard files are named by a hash of their content plan (the windows they hold and the content-relevant
+config), so a rerun writes the same files with the same sample_ids; jobs whose files are already
+complete are skipped (an interrupted run resumes) and files from other plans are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow.parquet as pq
+
+import deo
+from deo.bands import DEO_BANDS, RGB_BANDS
+from deo.config import to_dict
+from deo.ingest.config import IngestConfig
+from deo.ingest.discover import Skipped, Source, discover_aerial, discover_s2
+from deo.ingest.scene import SourceError, pair_candidates, probe_aerial, probe_s2
+from deo.ingest.stats import BandStats
+from deo.ingest.tiling import TileMaker, windows_of
+from deo.io import storage
+from deo.io.raster import RasterCache
+from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema
+
+PARTS = "_parts"
+"""Folder (inside the output) of per-job summaries; a job is complete when its summary exists."""
+
+_RUNTIME_KEYS = ("output", "use_ray", "strict", "summary")
+
+
+def content_hash(cfg: IngestConfig) -> str:
+    """Hash of the config keys that change shard content (not where or how the run executes)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: IngestConfig) -> str:
+    """Hash of the whole resolved config (recorded in the manifest)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ discovery
+def discover(cfg: IngestConfig) -> tuple[list[Source], list[Skipped]]:
+    """All S2 scenes and aerial images named by the config, and inputs that were skipped or missing."""
+    scenes, skipped = discover_s2(list(cfg.s2))
+    aerial, skipped_a = discover_aerial(list(cfg.aerial))
+    return scenes + aerial, skipped + skipped_a
+
+
+def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[str, Any]:
+    """Plan one source (a :class:`Source` as dict); failures come back as ``{"error": reason}``."""
+    src = Source(**source)
+    try:
+        if src.kind == "aerial":
+            return probe_aerial(src, cfg, cache)
+        return probe_s2(src, cfg, cache)
+    except (SourceError, ValueError, OSError) as e:
+        return {"kind": src.kind, "uri": src.uri, "key": src.key, "files": src.files, "error": str(e)}
+
+
+# ------------------------------------------------------------------------------------ jobs
+def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
+    """Pack the windows of all planned sources into jobs of at most ``rows_per_file`` tiles.
+
+    Each job becomes one shard file named ``part-<hash>.parquet`` after its windows and the content
+    config, so the same inputs and config always give the same files.
+    """
+    good = [p for p in plans if "error" not in p]
+    aerials = [p for p in good if p["kind"] == "aerial"]
+    chash = content_hash(cfg)
+    per_window = cfg.tile.window_tiles**2
+    cap = max(1, cfg.rows_per_file // per_window)
+    jobs: list[dict[str, Any]] = []
+    units: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if units:
+            ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
+            name = "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16]
+            jobs.append({"name": name, "units": list(units)})
+            units.clear()
+
+    count = 0
+    for p in good:
+        pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
+        wins = windows_of(p, cfg.tile.window_tiles)
+        for i in range(0, len(wins), cap):
+            chunk = wins[i : i + cap]
+            if count + len(chunk) > cap:
+                flush()
+                count = 0
+            units.append({"plan": p, "windows": chunk, "pairs": pairs})
+            count += len(chunk)
+    flush()
+    return jobs
+
+
+def _job_done(output: str, name: str) -> dict[str, Any] | None:
+    path = storage.join(output, PARTS, name + ".json")
+    if not storage.exists(path):
+        return None
+    summary = json.loads(storage.read_text(path))
+    if summary["rows"] and not storage.exists(storage.join(output, name + ".parquet")):
+        return None
+    return summary
+
+
+def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[str, Any]:
+    """Read every window of a job, write its shard file, and return the job summary.
+
+    Windows are read and written one at a time (bounded memory). A source whose window fails is
+    recorded with the reason and its remaining windows in this job are skipped; other sources go on.
+    """
+    output = cfg.output.rstrip("/")
+    done = _job_done(output, job["name"])
+    if done is not None:
+        done["resumed"] = True
+        return done
+    start = time.perf_counter()
+    maker = TileMaker(cfg, cache)
+    schema = shard_schema(cfg.tile.ms_px, cfg.tile.optical_px)
+    sources: dict[str, dict[str, Any]] = {}
+    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "rejected_nodata": 0, "rejected_cloud": 0}
+    tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
+    tmp.close()
+    writer: pq.ParquetWriter | None = None
+    try:
+        for unit in job["units"]:
+            plan = unit["plan"]
+            rec = sources.setdefault(plan["key"], {"uri": plan["uri"], "tiles": 0, "rejected": 0,
+                                                   "error": None})
+            for wx, wy in unit["windows"]:
+                if rec["error"]:
+                    break
+                try:
+                    rows, rejects = maker.window_rows(plan, wx, wy, unit["pairs"])
+                except Exception as e:  # noqa: BLE001 - any read failure is recorded, the run goes on
+                    rec["error"] = f"read failed at window ({wx}, {wy}): {type(e).__name__}: {e}"
+                    continue
+                rec["tiles"] += len(rows)
+                rec["rejected"] += rejects["nodata"] + rejects["cloud"]
+                counts["rejected_nodata"] += rejects["nodata"]
+                counts["rejected_cloud"] += rejects["cloud"]
+                if not rows:
+                    continue
+                for r in rows:
+                    counts["rows"] += 1
+                    counts["ms"] += r["ms"] is not None
+                    counts["optical"] += r["optical"] is not None
+                    counts["paired"] += (r["ms"] is not None and r["source_optical"] is not None
+                                         and r["source_optical"] != r["source_ms"])
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp.name, schema, compression="zstd")
+                writer.write_table(rows_to_table(rows, schema))
+        if writer is not None:
+            writer.close()
+            writer = None
+            _put(tmp.name, storage.join(output, job["name"] + ".parquet"))
+    finally:
+        if writer is not None:
+            writer.close()
+        os.unlink(tmp.name)
+        maker.close()
+    summary = {
+        "name": job["name"],
+        **counts,
+        "sources": sources,
+        "ms_stats": maker.ms_stats.to_state(),
+        "optical_stats": maker.optical_stats.to_state(),
+        "seconds": time.perf_counter() - start,
+        "resumed": False,
+    }
+    storage.write_text(storage.join(output, PARTS, job["name"] + ".json"), json.dumps(summary))
+    return summary
+
+
+def _put(local: str, uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    if storage.is_remote(storage.strip_file_scheme(uri)):
+        fs.put(local, path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(local, "rb") as fi, open(tmp, "wb") as fo:
+        while chunk := fi.read(1 << 22):
+            fo.write(chunk)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ manifest
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list[Skipped],
+                   summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest.json contents (DESIGN.md shard contract)."""
+    ms, opt = BandStats(len(DEO_BANDS)), BandStats(3)
+    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "rejected": 0, "rejected_nodata": 0,
+              "rejected_cloud": 0}
+    per_source: dict[str, dict[str, Any]] = {}
+    files: list[str] = []
+    for s in summaries:
+        ms.merge(BandStats.from_state(s["ms_stats"]))
+        opt.merge(BandStats.from_state(s["optical_stats"]))
+        for k in ("rows", "ms", "optical", "paired", "rejected_nodata", "rejected_cloud"):
+            counts[k] += s[k]
+        if s["rows"]:
+            files.append(s["name"] + ".parquet")
+        for key, rec in s["sources"].items():
+            agg = per_source.setdefault(key, {"tiles": 0, "rejected": 0, "error": None})
+            agg["tiles"] += rec["tiles"]
+            agg["rejected"] += rec["rejected"]
+            agg["error"] = agg["error"] or rec["error"]
+    counts["rejected"] = counts["rejected_nodata"] + counts["rejected_cloud"]
+    sources: list[dict[str, Any]] = []
+    for p in plans:
+        entry: dict[str, Any] = {"uri": p["uri"], "kind": p["kind"], "files": sorted(p["files"].values())}
+        agg = per_source.get(p["key"], {"tiles": 0, "rejected": 0, "error": None})
+        if "error" in p:
+            entry.update(status="failed", reason=p["error"], tiles=0)
+        elif agg["error"]:
+            entry.update(status="failed", reason=agg["error"], tiles=agg["tiles"])
+        elif p["tiles_x"] * p["tiles_y"] == 0:
+            w, h = p["grid"]["width"], p["grid"]["height"]
+            entry.update(status="skipped", reason=f"smaller than one tile: {w}x{h} px < {p['tile_px']} px",
+                         tiles=0)
+        else:
+            entry.update(status="ok", reason="", tiles=agg["tiles"])
+        entry["rejected"] = agg["rejected"]
+        if p["kind"] != "aerial" and "error" not in p:
+            entry.update(level=p["level"], offset=p["offset"], offset_from=p["offset_from"],
+                         gsd=p["gsd"], time=p["time"])
+        sources.append(entry)
+    for s in skipped:
+        sources.append({"uri": s.uri, "kind": "input", "files": [s.uri], "status": s.status,
+                        "reason": s.reason, "tiles": 0, "rejected": 0})
+    return _clean({
+        "schema_version": SCHEMA_VERSION,
+        "bands": {"ms": list(DEO_BANDS), "optical": list(RGB_BANDS)},
+        "tile": {"ms_px": cfg.tile.ms_px, "optical_px": cfg.tile.optical_px},
+        "counts": counts,
+        "stats": {"ms": ms.mean_std(), "optical": opt.mean_std()},
+        "sources": sources,
+        "files": sorted(files),
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "content_hash": content_hash(cfg),
+        "package_version": deo.__version__,
+    })
+
+
+def remove_stale(output: str, jobs: list[dict[str, Any]]) -> int:
+    """Delete shard files and job summaries of other plans (a rerun leaves exactly this plan's files)."""
+    keep = {j["name"] for j in jobs}
+    removed = 0
+    for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, PARTS), ".json"):
+        name = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if name.startswith("part-") and name not in keep:
+            storage.remove(uri)
+            removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------ driver
+def plain_runner(jobs: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[dict[str, Any]]:
+    """Run jobs one after another in this process (the benchmark's baseline and ``use_ray=false``)."""
+    cache = RasterCache()
+    try:
+        for job in jobs:
+            yield run_job(job, cfg, cache)
+    finally:
+        cache.close()
+
+
+def plain_probe(sources: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
+    """Probe sources in this process."""
+    cache = RasterCache()
+    try:
+        return [probe(s, cfg, cache) for s in sources]
+    finally:
+        cache.close()
+
+
+def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a whole ingest and write shards, manifest.json and the summary JSON.
+
+    Args:
+        cfg: resolved config.
+        log: where progress lines go.
+
+    Returns:
+        The summary (counts, rejects, failed sources, tiles/s, paths).
+    """
+    start = time.perf_counter()
+    output = cfg.output.rstrip("/")
+    sources, skipped = discover(cfg)
+    log(f"[ingest] {len(sources)} sources ({sum(s.kind != 'aerial' for s in sources)} S2 scenes), "
+        f"{len(skipped)} inputs skipped or missing")
+    source_dicts = [asdict(s) for s in sources]
+    if cfg.use_ray:
+        from deo.ingest import ray_data
+
+        plans = ray_data.probe_all(source_dicts, cfg)
+    else:
+        plans = plain_probe(source_dicts, cfg)
+    jobs = plan_jobs(plans, cfg)
+    planned = sum(len(u["windows"]) for j in jobs for u in j["units"])
+    log(f"[ingest] {len(plans) - sum('error' in p for p in plans)} sources readable, {len(jobs)} shard "
+        f"files, {planned} windows")
+    removed = remove_stale(output, jobs)
+    if removed:
+        log(f"[ingest] removed {removed} files of an earlier plan")
+    results: Iterable[dict[str, Any]]
+    if cfg.use_ray:
+        from deo.ingest import ray_data
+
+        results = ray_data.run_jobs(jobs, cfg)
+    else:
+        results = plain_runner(jobs, cfg)
+    summaries: list[dict[str, Any]] = []
+    tiles = 0
+    for s in results:
+        summaries.append(s)
+        tiles += s["rows"]
+        rate = tiles / max(time.perf_counter() - start, 1e-9)
+        log(f"[ingest] shard {len(summaries)}/{len(jobs)} {s['name']}: {s['rows']} tiles"
+            f"{' (already done)' if s.get('resumed') else ''}; total {tiles} tiles, {rate:.1f} tiles/s")
+    summaries.sort(key=lambda s: s["name"])
+    manifest = build_manifest(cfg, plans, skipped, summaries)
+    storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=1))
+    seconds = time.perf_counter() - start
+    failed = [s for s in manifest["sources"] if s["status"] == "failed"]
+    summary = {
+        "output": output,
+        "manifest": storage.join(output, MANIFEST),
+        "mode": "ray" if cfg.use_ray else "plain",
+        "counts": manifest["counts"],
+        "sources": {st: sum(s["status"] == st for s in manifest["sources"]) for st in ("ok", "failed", "skipped")},
+        "failed": [{"uri": s["uri"], "reason": s["reason"]} for s in failed],
+        "files": len(manifest["files"]),
+        "seconds": round(seconds, 3),
+        "tiles_per_s": round(manifest["counts"]["rows"] / max(seconds, 1e-9), 2),
+        "config_hash": manifest["config_hash"],
+    }
+    storage.write_text(cfg.summary or storage.join(output, "summary.json"), json.dumps(summary, indent=1))
+    return summary

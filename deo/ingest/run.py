@@ -80,8 +80,7 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     good = [p for p in plans if "error" not in p]
     aerials = [p for p in good if p["kind"] == "aerial"]
     chash = content_hash(cfg)
-    per_window = cfg.tile.window_tiles**2
-    cap = max(1, cfg.rows_per_file // per_window)
+    wt = cfg.tile.window_tiles
     jobs: list[dict[str, Any]] = []
     units: list[dict[str, Any]] = []
 
@@ -92,17 +91,20 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
             jobs.append({"name": name, "units": list(units)})
             units.clear()
 
-    count = 0
+    count = 0  # tiles in the job being packed (before filtering)
     for p in good:
         pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
-        wins = windows_of(p, cfg.tile.window_tiles)
-        for i in range(0, len(wins), cap):
-            chunk = wins[i : i + cap]
-            if count + len(chunk) > cap:
+        unit: dict[str, Any] | None = None
+        for wx, wy in windows_of(p, wt):
+            n = min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt)
+            if count and count + n > cfg.rows_per_file:
                 flush()
-                count = 0
-            units.append({"plan": p, "windows": chunk, "pairs": pairs})
-            count += len(chunk)
+                count, unit = 0, None
+            if unit is None:
+                unit = {"plan": p, "windows": [], "pairs": pairs}
+                units.append(unit)
+            unit["windows"].append((wx, wy))
+            count += n
     flush()
     return jobs
 

@@ -150,7 +150,7 @@ class TileMaker:
                     continue
                 col, row = (tx0 + i) * px, (ty0 + j) * px
                 tile = ms[:, sl[0], sl[1]]
-                ttrans = transform * Affine.translation(col, row)
+                ttrans = transform @ Affine.translation(col, row)
                 bounds = (ttrans.c, ttrans.f + px * ttrans.e, ttrans.c + px * ttrans.a, ttrans.f)
                 optical, source_optical = self._optical_for(tile, ttrans, crs, bounds, pairs, plan["uri"])
                 self.ms_stats.update(tile, tvalid)
@@ -239,7 +239,7 @@ class TileMaker:
                     rejects["nodata"] += 1
                     continue
                 col, row = (tx0 + i) * px, (ty0 + j) * px
-                ttrans = transform * Affine.translation(col, row)
+                ttrans = transform @ Affine.translation(col, row)
                 bounds = (ttrans.c, ttrans.f + px * ttrans.e, ttrans.c + px * ttrans.a, ttrans.f)
                 tile = np.ascontiguousarray(rgb[:, sl[0], sl[1]])
                 self.optical_stats.update(tile)
@@ -278,5 +278,5 @@ def _resize(rgb: np.ndarray, ttrans: Affine, crs: CRS, size: int) -> np.ndarray:
     s = rgb.shape[-1]
     out = np.zeros((3, size, size), dtype=np.uint8)
     reproject(rgb, out, src_transform=ttrans, src_crs=crs,
-              dst_transform=ttrans * Affine.scale(s / size), dst_crs=crs, resampling=Resampling.bilinear)
+              dst_transform=ttrans @ Affine.scale(s / size), dst_crs=crs, resampling=Resampling.bilinear)
     return out

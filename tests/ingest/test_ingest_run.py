@@ -1,0 +1,141 @@
+"""Ingest runs: bad inputs recorded, idempotent and resumable reruns, S3 in and out, Ray Data = plain loop."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deo.config import build_config
+from deo.ingest.config import IngestConfig
+from deo.ingest.run import PARTS, ingest
+from deo.io import storage
+from deo.io.shards import ShardDataset
+
+L2A = "s2_l2a_tile/sentinel-s2-l2a-cogs/29/R/KH/2020/2/S2A_29RKH_20200219_0_L2A"
+DEO_FILES = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12", "SCL")
+
+
+def cfg_for(out: str, s2: list[str], aerial: list[str] | None = None, **over: object) -> IngestConfig:
+    args = [f"s2=[{','.join(s2)}]", f"aerial=[{','.join(aerial or [])}]", f"output={out}",
+            "use_ray=false"] + [f"{k}={v}" for k, v in over.items()]
+    return build_config(IngestConfig, overrides=args)
+
+
+def ids(out: str) -> list[str]:
+    ds = ShardDataset.open(out)
+    return [s for b in ds.iter_batches(columns=["sample_id"]) for s in b["sample_id"]]
+
+
+def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, shared_data):
+    good = tmp_path / "in" / "good"
+    shutil.copytree(shared_data / "eurosat_ms" / "SeaLake", good)
+    bad = tmp_path / "in" / "bad"
+    bad.mkdir()
+    eurosat = sorted(good.glob("*.tif"))[0].read_bytes()
+    (bad / "truncated.tif").write_bytes(eurosat[: len(eurosat) // 2])
+    (bad / "garbage.tif").write_bytes(b"not a tiff at all" * 100)
+    # a per-band scene whose B05 is cut short, and one that lacks B11
+    scene = tmp_path / "in" / "scene_trunc"
+    scene.mkdir()
+    for b in DEO_FILES:
+        shutil.copy(shared_data / L2A / f"{b}.tif", scene)
+    data = (scene / "B05.tif").read_bytes()
+    (scene / "B05.tif").write_bytes(data[: len(data) // 3])
+    lacking = tmp_path / "in" / "scene_lacking"
+    shutil.copytree(scene, lacking)
+    (lacking / "B11.tif").unlink()
+    shutil.copy(shared_data / L2A / "B05.tif", lacking)
+    # 13-band file read with a 12-band order: wrong band count
+    wrong = tmp_path / "in" / "wrong"
+    wrong.mkdir()
+    shutil.copy(sorted(good.glob("*.tif"))[1], wrong / "x.tif")
+    missing = str(tmp_path / "in" / "nope")
+    out = str(tmp_path / "out")
+    cfg = cfg_for(out, [str(good), str(bad), str(scene), str(lacking), missing], s2_band_order="eurosat")
+    summary = ingest(cfg, log=lambda _: None)
+    assert summary["counts"]["ms"] == len(list(good.glob("*.tif")))
+    sources = {s["uri"]: s for s in ShardDataset.open(out).manifest["sources"]}
+    assert sources[str(bad / "truncated.tif")]["status"] == "failed"
+    assert "truncated" in sources[str(bad / "truncated.tif")]["reason"]
+    assert "unreadable" in sources[str(bad / "garbage.tif")]["reason"]
+    assert sources[str(scene)]["status"] == "failed" and "B05" in sources[str(scene)]["reason"]
+    assert "missing bands B11" in sources[str(lacking)]["reason"]
+    assert sources[missing]["status"] == "failed" and "missing" in sources[missing]["reason"]
+    # wrong band count and unknown band order
+    cfg = cfg_for(str(tmp_path / "out2"), [str(wrong)], s2_band_order="s2_l2a_12")
+    ingest(cfg, log=lambda _: None)
+    (entry,) = ShardDataset.open(str(tmp_path / "out2")).manifest["sources"]
+    assert "wrong band count" in entry["reason"] and "13 bands, expected 12" in entry["reason"]
+    cfg = cfg_for(str(tmp_path / "out3"), [str(wrong)])
+    summary = ingest(cfg, log=lambda _: None)
+    (entry,) = ShardDataset.open(str(tmp_path / "out3")).manifest["sources"]
+    assert entry["status"] == "failed" and "unknown band order" in entry["reason"]
+    assert summary["counts"]["rows"] == 0
+
+
+def test_rerun_is_idempotent_resumes_and_drops_stale_files(tmp_path, shared_data):
+    out = str(tmp_path / "out")
+    files = [str(f) for f in sorted((shared_data / "eurosat_ms" / "Pasture").glob("*.tif"))]
+    cfg = cfg_for(out, files, s2_band_order="eurosat", rows_per_file=5)
+    ingest(cfg, log=lambda _: None)
+    first = ids(out)
+    parquet = sorted(Path(out).glob("*.parquet"))
+    assert len(first) == len(set(first)) == len(files) and len(parquet) == -(-len(files) // 5)
+    ingest(cfg, log=lambda _: None)
+    assert ids(out) == first and sorted(Path(out).glob("*.parquet")) == parquet
+    # interrupted run: one shard and its summary lost; the rerun redoes only that one
+    parquet[0].unlink()
+    (Path(out) / PARTS / (parquet[0].stem + ".json")).unlink()
+    summary = ingest(cfg, log=lambda _: None)
+    assert ids(out) == first and summary["counts"]["rows"] == len(files)
+    # another plan (tile size) replaces the files instead of adding to them
+    cfg2 = cfg_for(out, files, s2_band_order="eurosat", rows_per_file=5, **{"tile.ms_px": 32})
+    ingest(cfg2, log=lambda _: None)
+    second = ids(out)
+    assert len(second) == 4 * len(files) and not set(second) & set(first)
+    assert len(list(Path(out).glob("*.parquet"))) == -(-4 * len(files) // 4)
+
+
+@pytest.mark.ray
+def test_ray_data_from_s3_equals_plain_loop_locally(tmp_path, shared_data, s3_server, s3_bucket, ray_local):
+    local_in = tmp_path / "in"
+    shutil.copytree(shared_data / "s2_baselines", local_in / "baselines")
+    for b in (*DEO_FILES, "S2A_29RKH_20200219_0_L2A.json"):
+        (local_in / "l2a").mkdir(exist_ok=True)
+        shutil.copy(shared_data / L2A / b if "." in b else shared_data / L2A / f"{b}.tif", local_in / "l2a")
+    shutil.copy(shared_data / "naip" / "m_3607824_se_17_1_20160620_subset.tif", local_in / "naip.tif")
+    remote_in = s3_server.upload_dir(local_in, s3_bucket + "/in")
+    over = {"s2_band_order": "s2_13", "tile.ms_px": 4 * 16, "max_nodata": 1.0}
+    plain = cfg_for(str(tmp_path / "plain"), [str(local_in / "l2a"), str(local_in / "baselines")],
+                    [str(local_in / "naip.tif")], **over)
+    ingest(plain, log=lambda _: None)
+    remote_out = s3_bucket + "/shards"
+    cfg = cfg_for(remote_out, [remote_in + "/l2a", remote_in + "/baselines"], [remote_in + "/naip.tif"],
+                  **over)
+    cfg.use_ray = True
+    summary = ingest(cfg, log=lambda _: None)
+    assert summary["mode"] == "ray" and summary["counts"]["rows"] > 100
+    a, b = ShardDataset.open(str(tmp_path / "plain")), ShardDataset.open(remote_out)
+    assert b.manifest["counts"] == a.manifest["counts"]
+    for mod in ("ms", "optical"):
+        for k in ("mean", "std"):
+            np.testing.assert_allclose(b.manifest["stats"][mod][k], a.manifest["stats"][mod][k], rtol=1e-9)
+    offsets = {s["uri"].rsplit("/", 1)[-1]: s.get("offset") for s in b.manifest["sources"]}
+    assert offsets["S2B_MSIL1C_20220615T101559_N0400_R065_T32UPC_20220615T122549.tif"] == 1000
+
+    def by_place(ds: ShardDataset) -> dict[tuple, np.ndarray]:
+        out = {}
+        for batch in ds.iter_batches():
+            for i in range(len(batch["sample_id"])):
+                key = (tuple(batch["bounds"][i]), batch["has_ms"][i])
+                out[key] = batch["ms"][i] if batch["has_ms"][i] else batch["optical"][i]
+        return out
+
+    pa_, pb = by_place(a), by_place(b)
+    assert pa_.keys() == pb.keys()
+    for k in pa_:
+        np.testing.assert_array_equal(pa_[k], pb[k])
+    assert storage.exists(remote_out + "/summary.json")

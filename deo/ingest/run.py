@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -183,6 +184,9 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
         "optical_stats": maker.optical_stats.to_state(),
         "seconds": time.perf_counter() - start,
         "resumed": False,
+        # peak RSS of the process that ran the job (a Ray worker or the plain loop), for the benchmark
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "pid": os.getpid(),
     }
     storage.write_text(storage.join(output, PARTS, job["name"] + ".json"), json.dumps(summary))
     return summary

@@ -21,6 +21,10 @@ from rasterio.windows import Window
 
 from deo.io.storage import strip_file_scheme
 
+# GDAL's block cache defaults to 5% of RAM per process; with one worker per core that dominates a
+# worker's memory on large scenes. Windows are read once, so a small cache loses nothing.
+os.environ.setdefault("GDAL_CACHEMAX", "128")
+
 STORAGE_ENV_KEYS: tuple[str, ...] = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

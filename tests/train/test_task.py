@@ -1,0 +1,147 @@
+import math
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from deo.data.multicrop import MultiCrop
+from deo.train.config import LossConfig, ModelConfig, PretrainConfig, ViewConfig
+from deo.train.task import DEOTask
+
+EUROSAT_TO_DEO = [1, 2, 3, 4, 5, 6, 7, 12, 10, 11]
+
+
+def _real_batch(shared_data, b=8):
+    ms_files = sorted((shared_data / "eurosat_ms").glob("*/*.tif"))[:: 216 // b][:b]
+    opt_files = sorted((shared_data / "neon_rgb" / "OSBS").glob("*.tif"))[:b]
+    ms, opt = [], []
+    for f in ms_files:
+        with rasterio.open(f) as src:
+            ms.append(src.read()[EUROSAT_TO_DEO])
+    for f in opt_files:
+        with rasterio.open(f) as src:
+            opt.append(src.read(masked=False)[:, :256, :256])
+    ms_t = torch.from_numpy(np.stack(ms).astype(np.int32)).clamp(min=1).to(torch.uint16)
+    opt_t = torch.from_numpy(np.stack(opt))
+    stats = {
+        "ms": {
+            "mean": ms_t.float().mean((0, 2, 3)).tolist(),
+            "std": ms_t.float().std((0, 2, 3)).tolist(),
+        },
+        "optical": {
+            "mean": opt_t.float().mean((0, 2, 3)).tolist(),
+            "std": opt_t.float().std((0, 2, 3)).tolist(),
+        },
+    }
+    return ms_t, opt_t, [f.name for f in ms_files], stats
+
+
+def _cfg(**loss):
+    return PretrainConfig(
+        model=ModelConfig(head_hidden=128, drop_path=0.0),
+        views=ViewConfig(n_local=2),
+        loss=LossConfig(**loss),
+    )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the 2 CI cores are shared: intra-op threads oversubscribe them and a step gets 20x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def views(shared_data):
+    torch.manual_seed(0)
+    ms, opt, ids, stats = _real_batch(shared_data)
+    cfg = _cfg()
+    return MultiCrop(cfg.views, stats, seed=0)(
+        ms, opt, ids, epoch=0, ms_gsd=torch.full((len(ids),), 10.0)
+    )
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_student_learns_on_real_samples_and_teachers_behave(views):
+    torch.manual_seed(0)
+    task = DEOTask(_cfg(msad_lambda=0.1, gsd_weight=0.1))
+    task.train()
+    assert not task.teacher.training and not task.ema.training
+    teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in task.ema.state_dict().items()}
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    assert not any(p.requires_grad for p in task.ema.parameters())
+    opt = torch.optim.AdamW(task.trainable.parameters(), lr=1e-3)
+    losses = []
+    for step in range(20):
+        out = task(views, step)
+        assert set(out) == {
+            "loss",
+            "compression",
+            "coding_rate",
+            "cls_cos",
+            "pF_cos",
+            "pmid_cos",
+            "msad",
+            "gsd",
+        }
+        opt.zero_grad()
+        out["loss"].backward()
+        if step == 0:
+            # every term's parameters get a gradient (MSAD's two projections included)
+            for name in (
+                "psi_a",
+                "psi_b",
+                "head_gsd",
+                "head_cls",
+                "head_pF",
+                "head_pmid",
+                "head_ms",
+            ):
+                g = (
+                    getattr(task.trainable, name).weight
+                    if name.startswith(("psi", "head_gsd"))
+                    else getattr(task.trainable, name).mlp[0].weight
+                )
+                assert g.grad is not None and g.grad.abs().sum() > 0, name
+            assert all(p.grad is None for p in task.teacher.parameters())
+        opt.step()
+        task.update_ema(0.9)
+        losses.append(float(out["loss"].detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    for k, v in task.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    moved = [
+        k
+        for k, v in task.ema.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, ema_before[k])
+    ]
+    assert moved
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_token_path_shapes_and_zero_weights_skip(views):
+    task = DEOTask(_cfg(alpha2=0.0, alpha3=0.0, gamma=0.0))
+    s = task.trainable(views, task.teacher_grid(views))
+    assert s["s_ms"].shape == (4, 8, 256)
+    assert s["s_cls"].shape == (4, 8, 64)
+    assert "s_pF" not in s and not hasattr(task.trainable, "head_pF")
+    out = task(views, 0)
+    assert set(out) == {"loss", "compression", "cls_cos"}
+    full = DEOTask(_cfg())
+    s = full.trainable(views, full.teacher_grid(views))
+    assert s["s_pF"].shape == (2, 8, 16, 64) and s["s_pmid"].shape == (2, 8, 16, 64)
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_non_finite_loss_raises_with_term_and_step(views):
+    task = DEOTask(_cfg())
+    bad = dict(views)
+    bad["ms_global"] = views["ms_global"].clone()
+    bad["ms_global"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"loss\.compression=nan.* at step 7, rank 0"):
+        task(bad, 7)

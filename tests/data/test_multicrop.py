@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from deo.data.multicrop import MultiCrop, scale_ranges, view_gsd
+from deo.train.config import ViewConfig
+
+STATS = {
+    "ms": {"mean": [1500.0] * 10, "std": [800.0] * 10},
+    "optical": {"mean": [110.0] * 3, "std": [50.0] * 3},
+}
+
+
+def _tile(shared_data):
+    with rasterio.open(
+        shared_data
+        / "eurosat_ms"
+        / "Forest"
+        / sorted(p.name for p in (shared_data / "eurosat_ms" / "Forest").glob("*.tif"))[0]
+    ) as src:
+        x = src.read()[[1, 2, 3, 4, 5, 6, 7, 12, 10, 11]]
+    return torch.from_numpy(x.astype(np.int32)).to(torch.uint16)
+
+
+def test_uniform_local_scales_fall_in_their_segments():
+    v = ViewConfig(n_local=5, local_scale=[0.05, 0.5], uniform_local=True)
+    mc = MultiCrop(v, STATS, seed=3)
+    p = mc.params([f"s{i}" for i in range(50)], epoch=1)
+    edges = np.linspace(0.05, 0.5, 6)
+    for k in range(5):
+        s = p["scale"][2 + k]
+        assert (s >= edges[k] - 1e-6).all() and (s <= edges[k + 1] + 1e-6).all()
+    assert scale_ranges(0.1, 0.3, 2, False) == [(0.1, 0.3), (0.1, 0.3)]
+
+
+def test_gsd_target_and_same_geometry(shared_data):
+    ms = _tile(shared_data)[None].repeat(2, 1, 1, 1)
+    # optical = S2 true colour of the same tile (B04 B03 B02) as uint8: both modalities see the same crop
+    tc = (ms[:, [2, 1, 0]].float() / 3000 * 255).clamp(0, 255).to(torch.uint8)
+    v = ViewConfig(global_size=32, local_size=16, optical_global_size=32)
+    out = MultiCrop(v, STATS, seed=0)(ms, tc, ["a", "b"], 0, torch.tensor([10.0, 20.0]))
+    p = MultiCrop(v, STATS, seed=0).params(["a", "b"], 0)
+    torch.testing.assert_close(
+        out["gsd_global"], p["side"][:2] * torch.tensor([10.0, 20.0]) * 64 / 32
+    )
+    assert view_gsd(torch.tensor(10.0), torch.tensor(0.5), 64, 16).item() == pytest.approx(20.0)
+
+    # same geometry: B04 of each MS view correlates with the optical view of the same index (photometric
+    # jitter is monotone per image), much more than with the other global view
+    def corr(a, b):
+        return np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+
+    ms_b04, opt_gray = out["ms_global"][:, :, 2], out["opt_global"].mean(2)
+    same = [corr(ms_b04[v, i], opt_gray[v, i]) for v in range(2) for i in range(2)]
+    other = [corr(ms_b04[v, i], opt_gray[1 - v, i]) for v in range(2) for i in range(2)]
+    assert np.mean(same) > 0.6 and np.mean(same) > np.mean(other) + 0.2, (same, other)
+
+
+def test_params_depend_only_on_seed_epoch_and_id():
+    mc = MultiCrop(ViewConfig(), STATS, seed=0)
+    a = mc.params(["x", "y", "z"], 2)
+    b = mc.params(["z", "x"], 2)
+    torch.testing.assert_close(a["theta"][:, 0], b["theta"][:, 1])
+    torch.testing.assert_close(a["theta"][:, 2], b["theta"][:, 0])
+    assert not torch.equal(mc.params(["x"], 3)["theta"][:, 0], a["theta"][:, 0])
+    with pytest.raises(ValueError, match="stats.ms needs 10"):
+        MultiCrop(ViewConfig(), {"ms": {"mean": [1.0], "std": [1.0]}, "optical": STATS["optical"]})

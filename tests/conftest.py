@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def pytest_configure(config):
+    # Tiny models on 2 cores: torch's default thread pool oversubscribes when Ray workers or moto share
+    # the cores (a tiny step ran ~20x slower). DEO_TEST_THREADS overrides.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DEO_TEST_THREADS", "1")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data: the team's real imagery (README.md there describes each set)."""
@@ -113,6 +121,23 @@ def s3_bucket(s3_server, request) -> str:
     name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
     name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
     return s3_server.make_bucket(f"{name}-{int(time.time() * 1000) % 100000}")
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The committed samples ingested once per session (plain path, no Ray): a local shard dataset."""
+    from deo.config import build_config
+    from deo.ingest.config import IngestConfig
+    from deo.ingest.run import ingest
+
+    out = tmp_path_factory.mktemp("shards") / "samples"
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the ingest defaults name data/samples relative to the repo root
+    try:
+        ingest(build_config(IngestConfig, overrides=[f"output={out}", "use_ray=false"]), log=lambda _: None)
+    finally:
+        os.chdir(cwd)
+    return out
 
 
 @pytest.fixture(scope="session")

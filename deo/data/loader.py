@@ -9,13 +9,13 @@ batched on the training device (:mod:`deo.data.multicrop`), so the host ships 2-
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +28,30 @@ from deo.io import storage
 COLUMNS = ("sample_id", "ms", "optical", "ms_gsd", "optical_gsd")
 
 
-def sample_hash(sample_id: str) -> int:
-    """A stable 63-bit integer for a sample id (seeds its augmentation)."""
-    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little") >> 1
+S2_TRUE_COLOUR_MAX = 3000
+"""Reflectance x 10000 mapped to 255 in the S2 true colour (ingest's ``s2_optical_max`` default)."""
+
+
+def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch.Tensor,
+                     max_value: float = S2_TRUE_COLOUR_MAX) -> torch.Tensor:
+    """Optical tiles, with the S2 true colour (B04 B03 B02) of the MS tile where a row has none.
+
+    Args:
+        ms: (B, 10, S, S) uint16 in DEO band order.
+        optical: (B, 3, A, A) uint8 (zeros where missing).
+        has_optical: (B,) bool.
+
+    Returns:
+        (B, 3, A, A) uint8, as ingest's ``s2_optical`` would have written it.
+    """
+    if bool(has_optical.all()):
+        return optical
+    rgb = ms[:, [2, 1, 0]].float() * (255.0 / max_value)
+    if rgb.shape[-1] != optical.shape[-1]:
+        rgb = torch.nn.functional.interpolate(rgb, size=optical.shape[-2:], mode="bilinear",
+                                              align_corners=False)
+    rgb = rgb.round().clamp(0, 255).to(torch.uint8)
+    return torch.where(has_optical.view(-1, 1, 1, 1), optical, rgb)
 
 
 def tensor_column(col: pa.ChunkedArray | pa.Array, n: int, shape: tuple[int, ...], dtype: np.dtype
@@ -107,7 +128,7 @@ class _RowGroupCache:
         if self.index.optical_shape is not None:
             opt, has_opt = tensor_column(t.column("optical"), n, self.index.optical_shape, np.uint8)
         else:
-            opt, has_opt = np.zeros((n, 3, 1, 1), np.uint8), np.zeros(n, bool)
+            opt, has_opt = np.zeros((n, 3, *self.index.ms_shape[1:]), np.uint8), np.zeros(n, bool)
         ids = t.column("sample_id").to_pylist()
         decoded = {
             "ms": ms,
@@ -115,7 +136,7 @@ class _RowGroupCache:
             "has_optical": has_opt,
             "ms_gsd": t.column("ms_gsd").to_numpy().astype(np.float32),
             "optical_gsd": t.column("optical_gsd").fill_null(0).to_numpy().astype(np.float32),
-            "sample_hash": np.array([sample_hash(s) for s in ids], dtype=np.int64),
+            "sample_id": np.array(ids, dtype=object),
         }
         self.cache[key] = decoded
         if len(self.cache) > self.size:
@@ -128,8 +149,8 @@ class ShardLoader:
 
     Yields:
         dict with ``ms`` uint16 (b, 10, S, S), ``optical`` uint8 (b, 3, A, A), ``has_optical`` bool (b,),
-        ``ms_gsd``/``optical_gsd`` float32 (b,), ``sample_hash`` int64 (b,), as torch tensors (pinned
-        when ``pin_memory``).
+        ``ms_gsd``/``optical_gsd`` float32 (b,) as torch tensors (pinned when ``pin_memory``), and
+        ``sample_id`` (a list of b strings).
     """
 
     def __init__(self, index: ShardIndex, lane: Stream, batch_size: int, num_batches: int,
@@ -152,9 +173,11 @@ class ShardLoader:
                     d = cache.get(int(f), int(rg))
                     for k, v in d.items():
                         parts.setdefault(k, []).append(v[r])
-                batch = {k: torch.from_numpy(np.stack(v)) for k, v in parts.items()}
+                ids = [str(x) for x in parts.pop("sample_id")]
+                batch: dict[str, Any] = {k: torch.from_numpy(np.stack(v)) for k, v in parts.items()}
                 if self.pin_memory:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
+                batch["sample_id"] = ids
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.5)

@@ -131,14 +131,16 @@ def lane_streams(units: list[tuple[int, int, np.ndarray]], seed: int, epoch: int
         rest = stream[consumed : consumed + n * global_batch].reshape(n, world_size, -1, 3)
         return [rest[:, r].reshape(-1, 3) for r in range(world_size)]
     remaining = units_to_stream(units, seed, epoch)
+    lanes: list[Stream] = []
     for i, (w, batches) in enumerate(segments):
         if global_batch % w:
             raise ValueError(f"global batch {global_batch} not divisible by world size {w}")
         lanes = _deal(remaining, w, seed, epoch, i, shuffle_buffer)
         used = batches * (global_batch // w)
-        remaining = np.concatenate([lane[used:] for lane in lanes]) if lanes else remaining
-    if global_batch % world_size:
-        raise ValueError(f"global batch {global_batch} not divisible by world size {world_size}")
+        lanes = [lane[used:] for lane in lanes]
+        remaining = np.concatenate(lanes)
+    if segments and segments[-1][0] == world_size:
+        return lanes  # same world size: every worker continues its lane exactly where it stopped
     return _deal(remaining, world_size, seed, epoch, len(segments), shuffle_buffer)
 
 

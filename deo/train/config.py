@@ -48,12 +48,18 @@ class TrainConfig:
     grad_accum: int = option(1, help="gradient accumulation micro-steps per optimizer step")
     activation_checkpointing: bool = option(False, help="recompute Swin blocks in backward (memory mode)")
     precision: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
-    compile: bool = option(False, help="torch.compile the Swin blocks (regional compilation)")
+    compile: bool = option(False, help="torch.compile each Swin block (regional compilation; GPU)")
     shuffle_buffer: int = option(256, help="rows in each worker's shuffle buffer")
-    loader_workers: int = option(0, help="background decode/augment threads per worker (0: auto)")
+    data_order: str = option(
+        "lanes",
+        help="lanes: each row group read by one worker (for object storage at scale); global: every "
+        "global batch identical for any number of workers (exact comparisons across world sizes)",
+    )
     seed: int = option(0, help="seed of init, augmentation and shuffling")
 
     def __post_init__(self) -> None:
+        if self.data_order not in ("lanes", "global"):
+            raise ValueError(f"train.data_order must be lanes or global, got {self.data_order!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for k in ("max_steps", "batch_size", "grad_accum"):
@@ -73,6 +79,9 @@ class ScalingConfig:
     use_gpu: bool = option(False, help="train on GPUs (NCCL) instead of CPUs (gloo)")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker (0.5 lets 2 workers share 2 CPUs)")
     gpus_per_worker: float = option(1.0, help="GPUs per worker when use_gpu")
+    worker_resources: dict[str, float] = option(
+        {}, help="extra custom resources per worker, e.g. {deo_train: 1} so training lands on the GPU pool"
+    )
     max_failures: int = option(3, help="restarts of the worker group after a lost worker or node")
     address: str = option("", help="Ray address (empty: the job's cluster or a new local Ray)")
 

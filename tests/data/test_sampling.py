@@ -76,3 +76,11 @@ def test_global_order_gives_the_same_batches_for_any_world_size():
     # resumed after 2 batches with 4 workers: continues at batch 2 of the same stream
     four = lane_streams(units, 5, 0, B, 4, [[1, 1], [2, 1]], 16, order="global")
     assert (np.concatenate([lane[:2] for lane in four]) == one[2 * B:3 * B]).all()
+
+
+def test_resume_with_the_same_world_size_continues_each_lane_exactly():
+    units = make_units([12, 9, 15, 8, 14, 10])
+    fresh = lane_streams(units, 2, 0, 8, 2, [], 16)
+    resumed = lane_streams(units, 2, 0, 8, 2, [[2, 3]], 16)
+    for a, b in zip(fresh, resumed):
+        assert (a[3 * 4:] == b).all()

@@ -1,0 +1,92 @@
+"""What a checkpoint holds, and how it is written to / read from a ``checkpoint_*`` folder.
+
+A checkpoint folder holds one file, ``state.pt`` (``torch.save`` of plain tensors, numbers and dicts, so
+``torch.load(weights_only=True)`` reads it back):
+
+| key | content |
+|---|---|
+| ``student`` | state dict of the student backbone (patch embeds + shared stages) |
+| ``trainable`` | state dict of student + every head (what DDP wraps) |
+| ``ema`` | state dict of the EMA teacher (student + head_ms) |
+| ``optical_teacher`` | state dict of the frozen teacher, only when it was randomly initialised |
+| ``optimizer``, ``scaler`` | optimizer and grad-scaler states |
+| ``step`` | optimizer steps done |
+| ``data_position`` | :class:`deo.data.sampling.DataPosition` as a dict |
+| ``rng`` | torch / numpy / python RNG states of rank 0 |
+| ``config`` | the resolved config (dict) |
+| ``stats`` | the shard manifest's normalisation stats |
+| ``bands`` | band names per modality |
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from deo.io import storage
+
+STATE_FILE = "state.pt"
+_CKPT = re.compile(r"checkpoint_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint taken after ``step`` optimizer steps (sorts by step)."""
+    return f"checkpoint_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states to restore for an exact resume."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1])), *np_state[2:]],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def save_state(state: dict[str, Any], folder: str) -> str:
+    """Write ``state`` into ``folder`` (local path) and return the file path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, STATE_FILE)
+    torch.save(state, path)
+    return path
+
+
+def load_state(folder_or_file: str) -> dict[str, Any]:
+    """Read a checkpoint's state from a ``checkpoint_*`` folder (local or URI) or ``state.pt``."""
+    uri = folder_or_file if folder_or_file.endswith(".pt") else storage.join(folder_or_file, STATE_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no checkpoint state at {uri}")
+    import io
+
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The ``checkpoint_*`` folder with the highest step under a run folder, or None."""
+    fs, path = storage.filesystem(run_uri)
+    if not fs.exists(path):
+        return None
+    best: tuple[int, str] | None = None
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        m = _CKPT.match(name)
+        if m and fs.exists(entry.rstrip("/") + "/" + STATE_FILE):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), storage.join(run_uri, name))
+    return best[1] if best else None

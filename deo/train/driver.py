@@ -1,0 +1,123 @@
+"""The pretraining driver: validate everything before a worker starts, then run Ray Train.
+
+``pipelines/pretrain.py`` calls :func:`pretrain`. Bad configs, missing data, shards whose bands differ
+from the model's or unreadable teacher weights fail here, naming the key or file, not on a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from deo.bands import DEO_BANDS
+from deo.config import ConfigError
+from deo.io import storage
+from deo.io.shards import ShardDataset
+from deo.train.config import PretrainConfig
+
+DEFAULT_DATA = "runs/shards/samples"
+
+
+@dataclass
+class PretrainResult:
+    """What the driver prints and returns."""
+
+    run_uri: str
+    summary: dict[str, Any]
+    resumed_finished: bool = False
+
+
+def run_folder(cfg: PretrainConfig) -> str:
+    """``<run.storage>/<run.name>`` (absolute for local storage)."""
+    base = cfg.run.storage
+    if "://" not in base or base.startswith("file://"):
+        base = os.path.abspath(base.removeprefix("file://"))
+    return storage.join(base, cfg.run.name)
+
+
+def ensure_default_data(cfg: PretrainConfig) -> None:
+    """The embedded default: ingest the committed samples when their shards are missing."""
+    if cfg.data != DEFAULT_DATA or storage.exists(storage.join(cfg.data, "manifest.json")):
+        return
+    from deo.config import build_config
+    from deo.ingest.config import IngestConfig
+    from deo.ingest.run import ingest
+
+    print(f"{cfg.data} not found: ingesting the committed samples first", flush=True)
+    ingest(build_config(IngestConfig, overrides=[f"output={cfg.data}"]))
+
+
+def validate(cfg: PretrainConfig) -> ShardDataset:
+    """Checks that need no worker: data, bands, teacher weights, storage. Raises ConfigError."""
+    if not storage.exists(storage.join(cfg.data, "manifest.json")):
+        raise ConfigError(f"data={cfg.data}: no manifest.json there; ingest it first with "
+                          "`python pipelines/ingest.py output=...`")
+    try:
+        shards = ShardDataset.open(cfg.data)
+        shards.check_bands(DEO_BANDS)
+    except ValueError as e:
+        raise ConfigError(f"data={cfg.data}: {e}") from e
+    if not shards.files:
+        raise ConfigError(f"data={cfg.data}: manifest.json lists no Parquet shards")
+    if cfg.teacher.weights and not storage.exists(cfg.teacher.weights):
+        raise ConfigError(f"teacher.weights={cfg.teacher.weights}: file not found")
+    if cfg.model.init_from and not storage.exists(cfg.model.init_from):
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: file not found")
+    if cfg.probe.every and not storage.exists(cfg.probe.dataset):
+        raise ConfigError(f"probe.dataset={cfg.probe.dataset!r}: not found (needed by probe.every)")
+    return shards
+
+
+def finished_summary(run_uri: str, cfg: PretrainConfig) -> dict[str, Any] | None:
+    """The summary of a run that already reached ``train.max_steps``, else None."""
+    uri = storage.join(run_uri, "summary.json")
+    if not storage.exists(uri):
+        return None
+    summary = json.loads(storage.read_text(uri))
+    return summary if summary.get("steps", 0) >= cfg.train.max_steps else None
+
+
+def _init_ray(cfg: PretrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a local Ray for the embedded default
+        ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False,
+                 configure_logging=False)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in cfg.run.storage:
+        raise ConfigError(f"run.storage={cfg.run.storage!r} is a local path but the cluster has "
+                          f"{len(nodes)} nodes: use object storage (s3://, gs://)")
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Validate, then train with Ray Train (resuming a run of the same name), and summarise."""
+    ensure_default_data(cfg)
+    validate(cfg)
+    run_uri = run_folder(cfg)
+    done = finished_summary(run_uri, cfg)
+    if done is not None:
+        return PretrainResult(run_uri, done, resumed_finished=True)
+    if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in cfg.run.storage \
+            and not cfg.run.storage.startswith("/"):
+        print(f"warning: run.storage={cfg.run.storage!r} is relative; under `ray job submit` it "
+              f"lands in Ray's temporary working dir ({os.getcwd()}) and vanishes", file=sys.stderr)
+    _init_ray(cfg)
+    from deo.train.ray_glue import build_trainer
+
+    t0 = time.perf_counter()
+    result = build_trainer(cfg, run_uri).fit()
+    if result.error:
+        raise result.error
+    summary_uri = storage.join(run_uri, "summary.json")
+    summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else {}
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return PretrainResult(run_uri, summary)

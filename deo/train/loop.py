@@ -1,0 +1,278 @@
+"""The training loop: the same code under Ray Train, in a plain process, and on the GPU machine.
+
+It knows nothing of its launcher beyond :class:`deo.train.runtime.Runtime`. Per optimizer step: read
+the lane's next batch (prefetched, uint16), cut the multi-crop views on the device, run the task
+(student, EMA teacher, frozen optical teacher -> dict of loss terms) under autocast, backprop, clip the
+total norm, step AdamW with the per-iteration lr/wd, update the EMA teacher, advance the data position.
+Host syncs (``.item()``) happen only at logging and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deo import dist
+from deo.config import to_dict, to_yaml
+from deo.data.loader import ShardIndex, ShardLoader, fill_true_colour
+from deo.data.sampling import DataPosition, batches_left, lane_streams
+from deo.io import storage
+from deo.io.shards import ShardDataset
+from deo.train import checkpoint as ckpt
+from deo.train.config import PretrainConfig
+from deo.train.metrics import MetricsLog, progress_line
+from deo.train.runtime import Runtime
+from deo.train.schedules import Schedules
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    run_uri: str
+    steps: int
+    start_step: int
+    final_losses: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    data_wait: float = 0.0
+    seconds: float = 0.0
+    backbone: str = ""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` (None: fp32, no autocast)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: torch.device
+                    ) -> torch.optim.AdamW:
+    """AdamW with two groups: weights (decayed) and biases/norms/tokens (not decayed)."""
+    decay, no_decay = [], []
+    for name, p in trainable.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
+
+
+def configure_student(student: torch.nn.Module, cfg: PretrainConfig) -> None:
+    """Memory mode (activation checkpointing) and regional compilation of the Swin blocks.
+
+    Compiling block by block compiles a handful of distinct graphs in seconds, where compiling the whole
+    student did not finish its first step in minutes (issue 10).
+    """
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    if cfg.train.activation_checkpointing:
+        student.swin.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        for block in student.modules():
+            if isinstance(block, SwinTransformerBlock):
+                block.compile(dynamic=False)
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
+    """Run (or resume) pretraining until ``train.max_steps``; rank 0 writes the run folder.
+
+    Raises:
+        FloatingPointError: a loss term is NaN/Inf (names the term, step and rank).
+    """
+    from deo.data.multicrop import MultiCrop
+    from deo.train.task import DEOTask
+
+    device = runtime.device
+    rank, world = runtime.rank, runtime.world_size
+    if device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved for this worker
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    main = rank == 0
+    B = cfg.train.batch_size
+    if B % (world * cfg.train.grad_accum):
+        raise ValueError(f"train.batch_size={B} not divisible by {world} workers x grad_accum")
+    per_rank = B // world
+    micro = per_rank // cfg.train.grad_accum
+
+    shards = ShardDataset.open(cfg.data)
+    stats = shards.stats
+    index = ShardIndex.build(cfg.data, shards.files)
+
+    # Identical init on every rank (DDP also broadcasts, the EMA teacher and frozen teacher are not wrapped).
+    torch.manual_seed(cfg.train.seed)
+    task = DEOTask(cfg, device=device)
+    configure_student(_unwrap(task.trainable).student, cfg)
+    augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
+    optimizer = build_optimizer(task.trainable, cfg, device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    schedules = Schedules.from_config(cfg.train)
+
+    step, position = 0, DataPosition()
+    state = runtime.restore()
+    if state is not None:
+        _unwrap(task.trainable).load_state_dict(state["trainable"])
+        task.ema.load_state_dict(state["ema"])
+        if "optical_teacher" in state and task.teacher is not None:
+            task.teacher.load_state_dict(state["optical_teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        position = DataPosition.from_dict(state["data_position"])
+        ckpt.set_rng_state(state["rng"])
+    task.trainable = runtime.wrap(task.trainable)
+    start_step = step
+
+    log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
+    if main and step == 0:
+        storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(cfg))
+        storage.write_text(storage.join(run_uri, "manifest.json"), json.dumps(shards.manifest, indent=1))
+    if main and step > 0:
+        print(f"resuming {run_uri} at step {step} (epoch {position.epoch}, "
+              f"{position.samples} samples into it)", flush=True)
+
+    started = time.perf_counter()
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    total_wait = 0.0
+    sums: dict[str, torch.Tensor] = {}
+    last: dict[str, float] = {}
+    images_per_s = 0.0
+    while step < cfg.train.max_steps:
+        lanes = lane_streams(index.units, cfg.train.seed, position.epoch, B, world,
+                             position.segments, cfg.train.shuffle_buffer, cfg.train.data_order)
+        n = min(batches_left(lanes, B), cfg.train.max_steps - step)
+        if n == 0:
+            if position.samples == 0:
+                raise ValueError(f"{cfg.data} has {index.num_rows} trainable rows, fewer than one "
+                                 f"global batch of {B} over {world} workers")
+            position.next_epoch()
+            continue
+        loader = ShardLoader(index, lanes[rank], per_rank, n, pin_memory=device.type == "cuda")
+        wait_before = 0.0
+        for batch in loader:
+            wait_now = loader.wait_seconds - wait_before
+            wait_before = loader.wait_seconds
+            window_wait += wait_now
+            total_wait += wait_now
+            lr, wd, momentum = schedules.at(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+                g["weight_decay"] = wd if g["apply_wd"] else 0.0
+            ids = batch.pop("sample_id")
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
+            task.train()
+            for m in range(cfg.train.grad_accum):
+                part = slice(m * micro, (m + 1) * micro)
+                views = augment(batch["ms"][part], optical[part], ids[part], position.epoch,
+                                batch["ms_gsd"][part])
+                sync = contextlib.nullcontext()
+                if m < cfg.train.grad_accum - 1 and hasattr(task.trainable, "no_sync"):
+                    sync = task.trainable.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                        enabled=amp_dtype is not None):
+                        losses = task(views, step)
+                    scaler.scale(losses["loss"] / cfg.train.grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / cfg.train.grad_accum
+            if cfg.train.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.train.clip_grad,
+                                               foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            task.update_ema(momentum)
+            step += 1
+            window_steps += 1
+            position.advance(world, B)
+
+            if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
+                names = sorted(sums)
+                vec = dist.all_reduce_mean(torch.stack([sums[k] for k in names]) / window_steps)
+                last = {k: float(v) for k, v in zip(names, vec.tolist(), strict=True)}
+                bad = [k for k, v in last.items() if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"loss terms {bad} not finite at step {step} (rank {rank}): {last}")
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * B / max(elapsed, 1e-9)
+                wait_frac = float(dist.all_reduce_mean(torch.tensor(window_wait / max(elapsed, 1e-9))))
+                record = {"step": step, "epoch": position.epoch, **last, "lr": lr, "weight_decay": wd,
+                          "momentum": momentum, "images_per_s": images_per_s, "data_wait": wait_frac}
+                if log is not None:
+                    log.log(record)
+                    print(progress_line(step, cfg.train.max_steps, last, lr, images_per_s, wait_frac,
+                                        started, start_step), flush=True)
+                sums, window_steps, window_wait = {}, 0, 0.0
+                window_start = time.perf_counter()
+                if step % cfg.run.report_every == 0 and step % cfg.run.checkpoint_every:
+                    runtime.report(record)
+
+            if step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps:
+                state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,
+                                              shards.bands) if main else None
+                if log is not None:
+                    log.flush()
+                runtime.save(state_out, {"step": step, "epoch": position.epoch, **last}, step)
+        if n == batches_left(lanes, B):  # the lane was read to its end: next epoch
+            position.next_epoch()
+
+    seconds = time.perf_counter() - started
+    summary = TrainSummary(run_uri, step, start_step, last, images_per_s,
+                           total_wait / max(seconds, 1e-9), seconds)
+    if main:
+        if cfg.run.export:
+            from deo.export import export_backbone
+
+            summary.backbone = storage.join(run_uri, "backbone.safetensors")
+            export_backbone(_unwrap(task.trainable).student, cfg, stats, shards.bands, summary.backbone,
+                            step=step)
+        if log is not None:
+            log.close()
+        storage.write_text(storage.join(run_uri, "summary.json"),
+                           json.dumps(summary.__dict__, indent=1, default=str))
+    return summary
+
+
+def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      step: int, position: DataPosition, cfg: PretrainConfig, stats: dict,
+                      bands: Any) -> dict[str, Any]:
+    trainable = _unwrap(task.trainable)
+    state = {
+        "student": trainable.student.state_dict(),
+        "trainable": trainable.state_dict(),
+        "ema": task.ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "data_position": position.to_dict(),
+        "rng": ckpt.rng_state(),
+        "config": to_dict(cfg),
+        "stats": stats,
+        "bands": bands,
+    }
+    if not cfg.teacher.weights and task.teacher is not None:
+        state["optical_teacher"] = task.teacher.state_dict()
+    return state
+
+
+def warn_relative_storage(uri: str) -> None:
+    """Relative run storage under ``ray job submit`` lands in Ray's temporary working dir."""
+    if "://" not in uri and not uri.startswith("/"):
+        warnings.warn(f"run.storage={uri!r} is relative to {storage.filesystem(uri)[1]}", stacklevel=2)

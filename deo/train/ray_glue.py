@@ -1,0 +1,112 @@
+"""Ray Train glue: the per-worker function, its runtime, and the driver that builds the TorchTrainer.
+
+Three small pieces, as in Ray's Train/Tune interop example: :func:`train_worker` runs on every worker,
+:class:`RayRuntime` adapts Ray Train's context/checkpoint/report API to :class:`deo.train.runtime.Runtime`,
+and :func:`build_trainer` turns a :class:`PretrainConfig` into a ``TorchTrainer``. Nothing else in deo
+touches Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from deo.config import build_config, to_dict
+from deo.train import checkpoint as ckpt
+from deo.train.config import PretrainConfig
+
+# Environment that points storage clients at S3-compatible endpoints; forwarded to workers. Secrets
+# (keys, tokens) are never forwarded: workers get credentials from their own environment or role.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_ENDPOINT",
+    "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "DEO_SHARED_DATA",
+)
+
+
+class RayRuntime:
+    """:class:`deo.train.runtime.Runtime` on a Ray Train worker."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return module
+        return ray.train.torch.prepare_model(module, move_to_device=False)
+
+    def restore(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return ckpt.load_state(folder)
+
+    def save(self, state: dict[str, Any] | None, metrics: dict[str, Any], step: int) -> None:
+        name = ckpt.checkpoint_name(step)
+        if state is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        tmp = tempfile.mkdtemp(prefix="deo-ckpt-")
+        try:
+            ckpt.save_state(state, tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        ray.train.report(metrics)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Per-worker entry point: rebuild the config and run the training loop."""
+    from deo.train.loop import train
+
+    cfg = build_config(PretrainConfig, loop_config["config"])
+    train(cfg, RayRuntime(), run_uri=loop_config["run_uri"])
+
+
+def storage_path(uri: str) -> str:
+    """Ray wants absolute local paths or URIs."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def build_trainer(cfg: PretrainConfig, run_uri: str, callbacks: list[Any] | None = None
+                  ) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer for ``cfg`` (scaling, failure retries, checkpoints kept).
+
+    Args:
+        callbacks: Ray Train user callbacks, e.g. Tune's report callback inside a sweep trial.
+    """
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    resources.update(s.worker_resources)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_uri": run_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg.run.storage),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=callbacks,
+        ),
+    )

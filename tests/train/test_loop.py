@@ -1,0 +1,84 @@
+"""The training loop without Ray: run folder, exact resume, data position, NaN guard."""
+
+import json
+
+import pytest
+import torch
+
+from deo.config import build_config, read_yaml
+from deo.train.config import PretrainConfig
+from deo.train.loop import train
+from deo.train.runtime import LocalRuntime
+from tests_helpers import REPO, metric_lines
+
+BASE = [
+    "train.batch_size=8", "views.n_local=2", "model.drop_path=0", "run.log_every=1",
+    "run.tensorboard=false", "train.warmup_steps=2",
+]
+
+
+def tiny_cfg(shards, tmp_path, name, *extra):
+    return build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
+        f"data={shards}", f"run.storage={tmp_path}", f"run.name={name}", *BASE, *extra])
+
+
+def run(cfg, tmp_path):
+    uri = str(tmp_path / cfg.run.name)
+    return train(cfg, LocalRuntime(uri, keep=cfg.run.keep_checkpoints, device=torch.device("cpu")), uri)
+
+
+def test_run_folder_contract(sample_shards, tmp_path):
+    cfg = tiny_cfg(sample_shards, tmp_path, "contract", "train.max_steps=3", "run.checkpoint_every=2")
+    summary = run(cfg, tmp_path)
+    folder = tmp_path / "contract"
+    assert summary.steps == 3
+    names = sorted(p.name for p in folder.iterdir())
+    for want in ("config.yaml", "manifest.json", "metrics.jsonl", "backbone.safetensors", "summary.json"):
+        assert want in names
+    assert [n for n in names if n.startswith("checkpoint_")] == ["checkpoint_00000002", "checkpoint_00000003"]
+    lines = metric_lines(folder)
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for key in ("loss", "compression", "coding_rate", "cls_cos", "pF_cos", "pmid_cos", "lr",
+                "images_per_s", "data_wait", "epoch"):
+        assert key in lines[0]
+    assert json.loads((folder / "manifest.json").read_text())["bands"] == json.loads(
+        (sample_shards / "manifest.json").read_text())["bands"]
+    again = build_config(PretrainConfig, read_yaml(folder / "config.yaml"))
+    assert again == cfg  # the saved config reloads to the same run
+
+
+def test_stop_and_rerun_resumes_exactly(sample_shards, tmp_path):
+    straight = run(tiny_cfg(sample_shards, tmp_path, "straight", "train.max_steps=6",
+                            "run.checkpoint_every=3"), tmp_path)
+    run(tiny_cfg(sample_shards, tmp_path, "resumed", "train.max_steps=6", "run.checkpoint_every=3",
+                 "run.export=false"), tmp_path)
+    # simulate a stop after step 3: drop the later checkpoint and leave metrics of steps 4-6 behind,
+    # as a crash between checkpoint 3 and 6 would (metrics.jsonl is rewritten at checkpoints only)
+    folder = tmp_path / "resumed"
+    import shutil
+
+    shutil.rmtree(folder / "checkpoint_00000006")
+    (folder / "summary.json").unlink()
+    resumed = run(tiny_cfg(sample_shards, tmp_path, "resumed", "train.max_steps=6",
+                           "run.checkpoint_every=3"), tmp_path)
+    assert resumed.start_step == 3
+    steps = [r["step"] for r in metric_lines(folder)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # none repeated, none skipped
+    a, b = metric_lines(tmp_path / "straight"), metric_lines(folder)
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
+    assert straight.final_losses["loss"] == pytest.approx(resumed.final_losses["loss"], rel=1e-4)
+
+
+def test_a_nan_loss_stops_training_naming_the_term(sample_shards, tmp_path, monkeypatch):
+    from deo.losses import coding_rate
+
+    def nan_forward(self, s, t):
+        v = torch.tensor(float("nan"), requires_grad=True)
+        return v, {"coding_rate": v.detach()}
+
+    monkeypatch.setattr(coding_rate.CodingRateLoss, "forward", nan_forward)
+    cfg = tiny_cfg(sample_shards, tmp_path, "nan", "train.max_steps=2")
+    with pytest.raises(FloatingPointError, match=r"coding_rate=nan at step 0"):
+        run(cfg, tmp_path)
+    assert not list((tmp_path / "nan").glob("checkpoint_*"))

@@ -50,7 +50,7 @@ class LogisticModel:
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 1000
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300
 ) -> LogisticModel:
     """Fit the probe by full-batch L-BFGS in float64.
 
@@ -74,7 +74,7 @@ def fit_logistic(
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     target = y.double().cpu() if multi else y.long().cpu()
     opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+        [w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
         tolerance_change=1e-12, line_search_fn="strong_wolfe",
     )
 
@@ -89,8 +89,15 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    # Small problems: one thread, as thread hand-offs cost far more than these tiny matmuls.
+    threads = torch.get_num_threads()
+    if z.numel() < 2_000_000:
+        torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return LogisticModel(w.detach(), b.detach(), mean, std, multi)
 
 

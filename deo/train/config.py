@@ -110,6 +110,13 @@ class ModelConfig:
     init_from: str = option("", help="continual pretraining: start from this backbone (exported deo or timm) and keep it frozen as domain teacher")
     sar: bool = option(False, help="add a 2-channel SAR patch embedding (needs a `sar` column)")
 
+    def __post_init__(self) -> None:
+        if self.init_from and self.rgb_weights:
+            raise ValueError(
+                f"set either model.init_from ({self.init_from!r}) or model.rgb_weights "
+                f"({self.rgb_weights!r}), not both"
+            )
+
 
 @dataclass
 class TeacherConfig:

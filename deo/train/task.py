@@ -21,6 +21,7 @@ from torch import nn
 
 from deo import dist
 from deo.losses import CodingRateLoss, CompressionLoss, GSDLoss, MSADLoss, OpticalDistillLoss
+from deo.models.continual import check_partner, domain_teacher_tokens, init_from_backbone
 from deo.models.dinov3 import DINOv3Teacher, build_teacher
 from deo.models.ema import EMATeacher
 from deo.models.heads import MLPHead
@@ -36,6 +37,11 @@ def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return tokens.flatten(1, 2)
     x = F.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
     return x.flatten(2).transpose(1, 2)
+
+
+def _unwrap_trainable(trainable: nn.Module) -> nn.Module:
+    """The :class:`DEOTrainable` inside a DDP wrapper (or itself)."""
+    return getattr(trainable, "module", trainable)
 
 
 class DEOTrainable(nn.Module):
@@ -82,14 +88,20 @@ class DEOTrainable(nn.Module):
         return tok, tok.mean(dim=(1, 2))
 
     def forward(
-        self, views: dict[str, torch.Tensor], teacher_grid: tuple[int, int] = (0, 0)
+        self,
+        views: dict[str, torch.Tensor],
+        teacher_grid: tuple[int, int] = (0, 0),
+        partner_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student outputs for every term in use.
 
         Args:
             views: ``ms_global`` (V_g, B, 10, G, G), ``ms_local`` (V_l, B, 10, L, L), and as needed
-                ``opt_global`` (V_g, B, 3, Go, Go), ``opt_local`` (V_l, B, 3, Lo, Lo), ``sar_global``.
+                ``opt_global`` (V_g, B, 3, Go, Go), ``opt_local`` (V_l, B, 3, Lo, Lo), ``sar_global``
+                (V_g, B, 2, G, G).
             teacher_grid: DINOv3 patch grid (h, w) of the optical global views.
+            partner_tokens: continual pretraining: the frozen domain teacher F's final tokens
+                (V_g*B, h, w, C) of the sensor-B global views, used for v^B instead of the student's.
 
         Returns:
             ``s_ms`` (V, B, d); ``s_cls`` (V, B, D_t); ``s_pF``, ``s_pmid`` (V_g, B, N_t, D_t); ``va``,
@@ -108,7 +120,7 @@ class DEOTrainable(nn.Module):
             self.use["cls"]
             or self.use["pF"]
             or self.use["pmid"]
-            or (self.use["msad"] and self.msad_partner == "optical")
+            or (self.use["msad"] and self.msad_partner == "optical" and partner_tokens is None)
         ):
             og = views["opt_global"].flatten(0, 1)
             final, stages = self.student.stages(og, "optical", [len(self.student.stage_dims) - 2])
@@ -133,7 +145,9 @@ class DEOTrainable(nn.Module):
                 )
             opt_final = final
         if self.use["msad"]:
-            if self.msad_partner == "sar":
+            if partner_tokens is not None:
+                opt_final = partner_tokens
+            elif self.msad_partner == "sar":
                 opt_final = self.student.forward_features(views["sar_global"].flatten(0, 1), "sar")
             grid = tuple(tok_g.shape[1:3])
             out["va"] = self.psi_a(tok_g.flatten(1, 2))
@@ -174,6 +188,15 @@ class DEOTask(nn.Module):
         )
         dim = self.teacher.embed_dim if self.teacher is not None else 0
         self.trainable: nn.Module = DEOTrainable(cfg, dim).to(device)
+        # continual pretraining: load the student BEFORE the EMA copy, so student, EMA and F start equal
+        self.domain_teacher: DEOStudent | None = None
+        if cfg.model.init_from:
+            f, loaded = init_from_backbone(
+                self.trainable.student, cfg.model.init_from, cfg.model.ms_embed_init
+            )
+            if loss.msad_lambda > 0:  # F only serves MSAD's v^B
+                check_partner(loaded, self.trainable.msad_partner, cfg.model.init_from)
+                self.domain_teacher = f
         self.ema = EMATeacher(self._ms_branch(self.trainable))
         self.compression = CompressionLoss()
         self.coding_rate = CodingRateLoss(loss.eps, gather_distributed=dist.is_distributed())
@@ -196,6 +219,8 @@ class DEOTask(nn.Module):
         self.ema.train(False)
         if self.teacher is not None:
             self.teacher.train(False)
+        if self.domain_teacher is not None:
+            self.domain_teacher.train(False)
         return self
 
     @torch.no_grad()
@@ -205,7 +230,11 @@ class DEOTask(nn.Module):
 
     @torch.no_grad()
     def _teachers(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """EMA MS embeddings ``t_ms`` (V_g, B, d) and DINOv3 ``t_cls`` (V_g, B, D), ``t_pmid``/``t_pF`` (V_g, B, N, D)."""
+        """EMA MS embeddings ``t_ms`` (V_g, B, d) and DINOv3 ``t_cls`` (V_g, B, D), ``t_pmid``/``t_pF`` (V_g, B, N, D).
+
+        With a domain teacher F (``model.init_from`` and MSAD): ``f_partner`` (V_g*B, h, w, C), F's final
+        tokens of the sensor-B global views.
+        """
         g = views["ms_global"]
         vg, b = g.shape[:2]
         ms = self.ema.module
@@ -216,6 +245,10 @@ class DEOTask(nn.Module):
             out["t_cls"] = cls.view(vg, b, -1)
             out["t_pmid"] = mid.view(vg, b, mid.shape[1], -1)
             out["t_pF"] = fin.view(vg, b, fin.shape[1], -1)
+        if self.domain_teacher is not None:
+            partner = _unwrap_trainable(self.trainable).msad_partner
+            key = "sar_global" if partner == "sar" else "opt_global"
+            out["f_partner"] = domain_teacher_tokens(self.domain_teacher, views[key], partner)
         return out
 
     def teacher_grid(self, views: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -241,7 +274,7 @@ class DEOTask(nn.Module):
         """
         loss_cfg = self.cfg.loss
         t = self._teachers(views)
-        s = self.trainable(views, self.teacher_grid(views))
+        s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
         vg = t["t_ms"].shape[0]
         c, parts = self.compression(t["t_ms"], s["s_ms"])
         total = -c

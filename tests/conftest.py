@@ -140,6 +140,72 @@ def sample_shards(tmp_path_factory) -> Path:
     return out
 
 
+BIGEARTHNET_TILE = 60
+"""Side of the shard tiles cut from the 120 px BigEarthNet patches (4 tiles per S1+S2 pair)."""
+
+
+def bigearthnet_pairs(shared: Path) -> list[tuple[Path, Path]]:
+    """(S2 patch folder, S1 patch folder) of every BigEarthNet example pair (S1 JSON names its S2)."""
+    import json
+
+    root = shared / "bigearthnet"
+    pairs = []
+    for s1 in sorted((root / "BigEarthNet-S1-Example").iterdir()):
+        meta = json.loads(next(s1.glob("*_labels_metadata.json")).read_text())
+        pairs.append((root / "BigEarthNet-S2-Example" / meta["corresponding_s2_patch"], s1))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def bigearthnet_sar_shards(tmp_path_factory) -> Path:
+    """Real BigEarthNet S2 + co-located S1 VV/VH written with deo.io.shards (``sar`` column, 24 rows of
+    60 px; no optical, so training uses the S2 true colour). One extra row has no SAR (null)."""
+    import json
+
+    import numpy as np
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
+    from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema, write_table
+
+    t = BIGEARTHNET_TILE
+    rows = []
+    for s2, s1 in bigearthnet_pairs(SHARED_DATA):
+        bands = []
+        for b in DEO_BANDS:  # 20 m bands to the 10 m grid (120 px), bilinear
+            with rasterio.open(next(s2.glob(f"*_{b}.tif"))) as src:
+                bands.append(src.read(1, out_shape=(120, 120), resampling=Resampling.bilinear))
+        ms = np.clip(np.stack(bands), 1, None).astype(np.uint16)
+        sar = []
+        for b in SAR_BANDS:
+            with rasterio.open(next(s1.glob(f"*_{b}.tif"))) as src:
+                sar.append(src.read(1))
+                crs, transform = src.crs.to_string(), src.transform
+        sar = np.stack(sar).astype(np.float32)
+        for i, (y, x) in enumerate([(0, 0), (0, t), (t, 0), (t, t)]):
+            rows.append({"sample_id": f"{s2.name}_{i}", "ms": ms[:, y:y + t, x:x + t].copy(),
+                         "sar": sar[:, y:y + t, x:x + t].copy(), "ms_gsd": 10.0, "optical_gsd": 10.0,
+                         "crs": crs, "source_ms": str(s2), "source_optical": None,
+                         "bounds": [transform.c + x * transform.a, transform.f + (y + t) * transform.e,
+                                    transform.c + (x + t) * transform.a, transform.f + y * transform.e]})
+    rows.append({**rows[0], "sample_id": "no-sar", "sar": None})
+    out = tmp_path_factory.mktemp("bigearthnet") / "shards"
+    out.mkdir()
+    write_table(str(out / "part-0.parquet"), rows_to_table(rows, shard_schema(t, t, sar=True)))
+    ms_all = np.stack([r["ms"] for r in rows]).astype(np.float64)
+    sar_all = np.stack([r["sar"] for r in rows if r["sar"] is not None]).astype(np.float64)
+    rgb = np.clip(ms_all[:, [2, 1, 0]] * 255 / 3000, 0, 255)
+    stats = {k: {"mean": a.mean((0, 2, 3)).tolist(), "std": a.std((0, 2, 3)).tolist()}
+             for k, a in (("ms", ms_all), ("optical", rgb), ("sar", sar_all))}
+    manifest = {"schema_version": SCHEMA_VERSION, "files": ["part-0.parquet"],
+                "bands": {"ms": list(DEO_BANDS), "optical": list(RGB_BANDS), "sar": list(SAR_BANDS)},
+                "counts": {"rows": len(rows), "ms": len(rows), "optical": 0, "paired": 0, "rejected": 0},
+                "stats": stats}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray (2 CPUs, loopback only), shut down at the end of the session."""

@@ -75,13 +75,20 @@ class ShardIndex:
     units: list[tuple[int, int, np.ndarray]]
     ms_shape: tuple[int, ...]
     optical_shape: tuple[int, ...] | None
+    sar_shape: tuple[int, ...] | None = None
+    """Shape of the ``sar`` column when built ``with_sar`` (its batches then carry ``sar``)."""
 
     @classmethod
-    def build(cls, uri: str, files: list[str]) -> ShardIndex:
-        """Read Parquet footers and the small ``source_ms`` column to find trainable rows."""
+    def build(cls, uri: str, files: list[str], with_sar: bool = False) -> ShardIndex:
+        """Read Parquet footers and the small ``source_ms`` column to find trainable rows.
+
+        ``with_sar`` (``model.sar``) keeps only rows that also have a ``sar`` tile; finding them reads
+        the ``sar`` column once.
+        """
         units: list[tuple[int, int, np.ndarray]] = []
         ms_shape: tuple[int, ...] | None = None
         opt_shape: tuple[int, ...] | None = None
+        sar_shape: tuple[int, ...] | None = None
         for fi, f in enumerate(files):
             fs, path = storage.pyarrow_filesystem(f)
             pf = pq.ParquetFile(path, filesystem=fs)
@@ -90,14 +97,22 @@ class ShardIndex:
                 ms_shape = tuple(schema.field("ms").type.shape)
                 if "optical" in schema.names:
                     opt_shape = tuple(schema.field("optical").type.shape)
+                if with_sar:
+                    if "sar" not in schema.names:
+                        raise ValueError(f"model.sar needs a `sar` column; the shards in {uri} have none "
+                                         "(ingest with a SAR source)")
+                    sar_shape = tuple(schema.field("sar").type.shape)
             for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["source_ms"])
-                valid = np.flatnonzero(t.column("source_ms").is_valid().to_numpy(zero_copy_only=False))
+                t = pf.read_row_group(rg, columns=["source_ms", "sar"] if with_sar else ["source_ms"])
+                ok = t.column("source_ms").is_valid().to_numpy(zero_copy_only=False)
+                if with_sar:
+                    ok = ok & t.column("sar").is_valid().to_numpy(zero_copy_only=False)
+                valid = np.flatnonzero(ok)
                 if len(valid):
                     units.append((fi, rg, valid))
         if ms_shape is None:
             raise ValueError(f"no Parquet shards found in {uri}")
-        return cls(uri, files, units, ms_shape, opt_shape)
+        return cls(uri, files, units, ms_shape, opt_shape, sar_shape)
 
     @property
     def num_rows(self) -> int:
@@ -122,7 +137,8 @@ class _RowGroupCache:
         if f not in self.files:
             fs, path = storage.pyarrow_filesystem(self.index.files[f])
             self.files[f] = pq.ParquetFile(path, filesystem=fs)
-        t = self.files[f].read_row_group(rg, columns=list(COLUMNS))
+        sar = self.index.sar_shape is not None
+        t = self.files[f].read_row_group(rg, columns=[*COLUMNS, "sar"] if sar else list(COLUMNS))
         n = t.num_rows
         ms, _ = tensor_column(t.column("ms"), n, self.index.ms_shape, np.uint16)
         if self.index.optical_shape is not None:
@@ -138,6 +154,8 @@ class _RowGroupCache:
             "optical_gsd": t.column("optical_gsd").fill_null(0).to_numpy().astype(np.float32),
             "sample_id": np.array(ids, dtype=object),
         }
+        if sar:
+            decoded["sar"] = tensor_column(t.column("sar"), n, self.index.sar_shape, np.float32)[0]
         self.cache[key] = decoded
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -149,7 +167,8 @@ class ShardLoader:
 
     Yields:
         dict with ``ms`` uint16 (b, 10, S, S), ``optical`` uint8 (b, 3, A, A), ``has_optical`` bool (b,),
-        ``ms_gsd``/``optical_gsd`` float32 (b,) as torch tensors (pinned when ``pin_memory``), and
+        ``ms_gsd``/``optical_gsd`` float32 (b,), ``sar`` float32 (b, 2, S, S) when the index was built
+        ``with_sar``, as torch tensors (pinned when ``pin_memory``), and
         ``sample_id`` (a list of b strings).
     """
 

@@ -10,6 +10,10 @@ reflectance (no RGB assumptions, clamped at 0); optical gets DINO's colour jitte
 saturation, hue via a YIQ rotation), grayscale, Gaussian blur and solarisation. Normalisation uses the
 manifest's band stats.
 
+SAR (``model.sar``): Sentinel-1 VV/VH backscatter in dB on the MS grid is cut with the MS geometry into
+``sar_global`` views (the only SAR views MSAD needs), interpolated in dB, without photometric jitter, and
+normalised with the manifest's ``stats["sar"]`` when present, else :data:`SAR_DB_STATS`.
+
 GSD target of a view (SatDINO): tile GSD x crop side / output side, the crop side being the square root of
 the crop area in tile pixels.
 """
@@ -24,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 _RATIO = (3 / 4, 4 / 3)
+
+SAR_DB_STATS: dict[str, list[float]] = {"mean": [-12.619993, -19.290445], "std": [5.115911, 5.464428]}
+"""VV, VH dB mean/std over BigEarthNet-S1 (the values torchgeo ships), for shards without ``stats.sar``."""
 
 
 def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
@@ -53,13 +60,14 @@ class MultiCrop:
     Args:
         views: ``ViewConfig`` (sizes, counts, scale ranges, ``uniform_local``).
         stats: manifest ``stats``: ``{"ms": {"mean": [10], "std": [10]}, "optical": {"mean": [3], "std": [3]}}``
-            in stored units (ms: reflectance x 10000, optical: 0-255).
+            in stored units (ms: reflectance x 10000, optical: 0-255), optionally ``"sar"`` (2, dB).
         seed: ``train.seed``.
     """
 
     def __init__(self, views: Any, stats: dict[str, dict[str, list[float]]], seed: int = 0) -> None:
         """Check the stats and remember the view layout."""
-        for key, n in (("ms", 10), ("optical", 3)):
+        stats = {"sar": SAR_DB_STATS, **stats}
+        for key, n in (("ms", 10), ("optical", 3), ("sar", 2)):
             st = stats.get(key, {})
             if len(st.get("mean", [])) != n or len(st.get("std", [])) != n:
                 raise ValueError(f"stats.{key} needs {n} means and stds, got {st}")
@@ -71,6 +79,8 @@ class MultiCrop:
         self.ms_std = torch.tensor(stats["ms"]["std"]).view(1, 10, 1, 1)
         self.opt_mean = torch.tensor(stats["optical"]["mean"]).view(1, 3, 1, 1)
         self.opt_std = torch.tensor(stats["optical"]["std"]).view(1, 3, 1, 1)
+        self.sar_mean = torch.tensor(stats["sar"]["mean"]).view(1, 2, 1, 1)
+        self.sar_std = torch.tensor(stats["sar"]["std"]).view(1, 2, 1, 1)
         self.ranges = [tuple(views.global_scale)] * views.n_global + scale_ranges(
             views.local_scale[0], views.local_scale[1], views.n_local, views.uniform_local
         )
@@ -141,6 +151,7 @@ class MultiCrop:
         epoch: int,
         ms_gsd: torch.Tensor,
         optical_sizes: tuple[int, int] | None = None,
+        sar: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Augment a batch on the tiles' device.
 
@@ -152,11 +163,12 @@ class MultiCrop:
             ms_gsd: (B,) metres per MS pixel.
             optical_sizes: (global, local) optical view sides; default (views.optical_global_size,
                 views.local_size * optical_global_size / global_size).
+            sar: (B, 2, S, S) float32 VV, VH in dB on the MS grid, or None.
 
         Returns:
             ``ms_global`` (2, B, 10, G, G), ``ms_local`` (V_l, B, 10, L, L), ``opt_global`` (2, B, 3, Go, Go),
             ``opt_local`` (V_l, B, 3, Lo, Lo) float32 normalised, ``gsd_global`` (2, B), ``gsd_local`` (V_l, B)
-            in metres, and ``scale`` (V, B) crop areas.
+            in metres, ``scale`` (V, B) crop areas, and with ``sar`` ``sar_global`` (2, B, 2, G, G).
         """
         b = ms.shape[0]
         if (
@@ -168,6 +180,10 @@ class MultiCrop:
         ):
             raise ValueError(
                 f"expected ms (B, 10, S, S) and optical (B, 3, A, A), got {tuple(ms.shape)} and {tuple(optical.shape)}"
+            )
+        if sar is not None and (sar.ndim != 4 or sar.shape[:2] != (b, 2) or sar.shape[2:] != ms.shape[2:]):
+            raise ValueError(
+                f"expected sar (B, 2, S, S) on the ms grid {tuple(ms.shape[2:])}, got {tuple(sar.shape)}"
             )
         if len(sample_ids) != b:
             raise ValueError(f"got {len(sample_ids)} sample ids for a batch of {b}")
@@ -200,6 +216,16 @@ class MultiCrop:
             )
             x = (x * 10000.0 - self.ms_mean.to(dev)) / self.ms_std.to(dev)
             out[f"ms_{name}"] = x.view(nv, b, 10, size, size)
+            if sar is not None and name == "global":
+                z = F.grid_sample(
+                    sar.float().repeat(nv, 1, 1, 1),
+                    grid_ms,
+                    mode="bilinear",
+                    padding_mode="reflection",
+                    align_corners=False,
+                )
+                z = (z - self.sar_mean.to(dev)) / self.sar_std.to(dev)
+                out["sar_global"] = z.view(nv, b, 2, size, size)
             grid_o = F.affine_grid(
                 theta.flatten(0, 1), [nv * b, 3, osize, osize], align_corners=False
             )

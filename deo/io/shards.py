@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deo.bands import DEO_BANDS, RGB_BANDS
+from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
 from deo.io import storage
 
 SCHEMA_VERSION = 1
@@ -46,8 +46,17 @@ def optical_type(size: int) -> pa.DataType:
     return pa.fixed_shape_tensor(pa.uint8(), [len(RGB_BANDS), size, size])
 
 
-def shard_schema(ms_px: int, optical_px: int) -> pa.Schema:
-    """The Parquet schema of one ingest run, with band names, sizes and version in its metadata."""
+def sar_type(size: int) -> pa.DataType:
+    """``fixed_shape_tensor`` float32 [2, size, size]: Sentinel-1 VV, VH backscatter in dB on the ms grid."""
+    return pa.fixed_shape_tensor(pa.float32(), [len(SAR_BANDS), size, size])
+
+
+def shard_schema(ms_px: int, optical_px: int, sar: bool = False) -> pa.Schema:
+    """The Parquet schema of one ingest run, with band names, sizes and version in its metadata.
+
+    ``sar=True`` adds the nullable ``sar`` column (float32 [2, ms_px, ms_px], VV and VH in dB) for runs
+    that ingest a SAR source.
+    """
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("ms", ms_type(ms_px), nullable=True),
@@ -62,6 +71,8 @@ def shard_schema(ms_px: int, optical_px: int) -> pa.Schema:
         pa.field("source_ms", pa.string(), nullable=True),
         pa.field("source_optical", pa.string(), nullable=True),
     ]
+    if sar:
+        fields.insert(3, pa.field("sar", sar_type(ms_px), nullable=True))
     meta = {
         "deo.schema_version": str(SCHEMA_VERSION),
         "deo.ms_bands": ",".join(DEO_BANDS),
@@ -71,6 +82,9 @@ def shard_schema(ms_px: int, optical_px: int) -> pa.Schema:
         "deo.ms_units": "reflectance x 10000 after baseline offset removal, clipped >= 1",
         "deo.ms_nodata": str(MS_NODATA),
     }
+    if sar:
+        meta["deo.sar_bands"] = ",".join(SAR_BANDS)
+        meta["deo.sar_units"] = "backscatter sigma0 in dB"
     return pa.schema(fields, metadata=meta)
 
 
@@ -95,7 +109,7 @@ def _tensor_array(
 
 
 def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Build a table of the shard schema from row dicts (``ms``/``optical`` numpy or None)."""
+    """Build a table of the shard schema from row dicts (``ms``/``optical``/``sar`` numpy or None)."""
     cols: dict[str, pa.Array] = {}
     for f in schema:
         values = [r.get(f.name) for r in rows]
@@ -103,6 +117,8 @@ def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table
             cols[f.name] = _tensor_array(values, f.type, np.dtype(np.uint16))
         elif f.name == "optical":
             cols[f.name] = _tensor_array(values, f.type, np.dtype(np.uint8))
+        elif f.name == "sar":
+            cols[f.name] = _tensor_array(values, f.type, np.dtype(np.float32))
         else:
             cols[f.name] = pa.array(values, type=f.type)
     return pa.Table.from_pydict(cols, schema=schema)
@@ -186,7 +202,8 @@ class ShardDataset:
 
         Keys (when the column is read): ``ms`` uint16 (N, 10, S, S) with zeros in rows without MS,
         ``has_ms`` bool (N,), ``optical`` uint8 (N, 3, A, A) with zeros in rows without optical,
-        ``has_optical`` bool (N,), ``bounds`` float64 (N, 4), ``time`` datetime64[us] (N,) (NaT when
+        ``has_optical`` bool (N,), ``sar`` float32 (N, 2, S, S) and ``has_sar`` when the shards have
+        a SAR column, ``bounds`` float64 (N, 4), ``time`` datetime64[us] (N,) (NaT when
         unknown), and the scalar columns as (N,) arrays (strings as object arrays, None when null).
 
         Args:
@@ -229,7 +246,7 @@ def batch_to_numpy(rb: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in rb.schema.names:
         col = rb.column(name)
-        if name in ("ms", "optical"):
+        if name in ("ms", "optical", "sar"):
             arr, valid = tensor_column_to_numpy(col)
             out[name] = arr
             out["has_" + name] = valid

@@ -111,7 +111,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
 
     shards = ShardDataset.open(cfg.data)
     stats = shards.stats
-    index = ShardIndex.build(cfg.data, shards.files)
+    index = ShardIndex.build(cfg.data, shards.files, with_sar=cfg.model.sar)
 
     # Identical init on every rank (DDP also broadcasts, the EMA teacher and frozen teacher are not wrapped).
     torch.manual_seed(cfg.train.seed)
@@ -180,7 +180,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             for m in range(cfg.train.grad_accum):
                 part = slice(m * micro, (m + 1) * micro)
                 views = augment(batch["ms"][part], optical[part], ids[part], position.epoch,
-                                batch["ms_gsd"][part])
+                                batch["ms_gsd"][part],
+                                sar=batch["sar"][part] if cfg.model.sar else None)
                 sync = contextlib.nullcontext()
                 if m < cfg.train.grad_accum - 1 and hasattr(task.trainable, "no_sync"):
                     sync = task.trainable.no_sync()

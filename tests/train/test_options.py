@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from tests_helpers import REPO, metric_lines
 
 from deo.config import build_config, load_config, read_yaml
 from deo.train.config import PretrainConfig
 from deo.train.loop import train
 from deo.train.runtime import LocalRuntime
-from tests_helpers import REPO, metric_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore:teacher.weights is empty")
 
@@ -108,3 +108,53 @@ def test_each_ablation_logs_exactly_its_terms(path, sample_shards, tmp_path):
     got = set(lines[0]) & {"compression", "coding_rate", "cls_cos", "pF_cos", "pmid_cos", "msad", "gsd"}
     assert got == want
     assert all(math.isfinite(lines[0][k]) for k in want)
+
+
+def test_xstars_ms_sar_runs_on_real_bigearthnet_pairs(bigearthnet_sar_shards, tmp_path):
+    import json
+
+    from deo.export import read_export
+
+    cfg, lines = _run(PRETRAIN / "xstars.yaml", bigearthnet_sar_shards, tmp_path, "train.max_steps=2",
+                      "model.sar=true")
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(math.isfinite(r["msad"]) and r["msad"] > 0 for r in lines)
+    _, meta = read_export(str(tmp_path / "xstars" / "backbone.safetensors"))
+    assert meta["bands"]["sar"] == ["VV", "VH"]
+    manifest = json.loads((bigearthnet_sar_shards / "manifest.json").read_text())
+    assert meta["stats"]["sar"] == manifest["stats"]["sar"]
+
+
+def test_sar_rows_only_and_gradient_through_the_sar_embedding(bigearthnet_sar_shards, sample_shards):
+    from deo.data.loader import ShardIndex, ShardLoader, fill_true_colour
+    from deo.data.multicrop import MultiCrop
+    from deo.data.sampling import lane_streams
+    from deo.io.shards import ShardDataset
+    from deo.train.task import DEOTask
+
+    ds = ShardDataset.open(str(bigearthnet_sar_shards))
+    index = ShardIndex.build(ds.uri, ds.files, with_sar=True)
+    assert index.num_rows == len(ds) - 1  # the row without SAR is not trained on
+    assert ShardIndex.build(ds.uri, ds.files).num_rows == len(ds)
+    plain = ShardDataset.open(str(sample_shards))
+    with pytest.raises(ValueError, match="model.sar needs a `sar` column"):
+        ShardIndex.build(plain.uri, plain.files, with_sar=True)
+
+    cfg = build_config(PretrainConfig, read_yaml(PRETRAIN / "xstars.yaml"), [*FAST, "model.sar=true"])
+    lane = lane_streams(index.units, 0, 0, 8, 1, [], 8, "global")[0]
+    batch = next(iter(ShardLoader(index, lane, 8, 1)))
+    assert batch["sar"].shape == (8, 2, 60, 60) and batch["sar"].dtype == torch.float32
+    ids = batch.pop("sample_id")
+    assert "no-sar" not in ids
+    opt = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
+    views = MultiCrop(cfg.views, ds.stats)(batch["ms"], opt, ids, 0, batch["ms_gsd"], sar=batch["sar"])
+    assert views["sar_global"].shape == (2, 8, 2, 64, 64)
+    torch.manual_seed(0)
+    task = DEOTask(cfg)
+    out = task(views, 0)
+    out["loss"].backward()
+    student = task.trainable.student
+    for p in (student.embeds["sar"].proj.weight, task.trainable.psi_a.weight, task.trainable.psi_b.weight,
+              student.embeds["ms"].proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert student.embeds["optical"].proj.weight.grad is None  # SAR is MSAD's partner, not optical

@@ -1,0 +1,322 @@
+"""The GPU benchmark of the training step (issues 4 and 10): one prepared script for one H100.
+
+Measures the project's full step (:class:`step_bench.TrainStep`, the step of ``deo.train.loop.train``):
+uint16 MS + uint8 optical tiles (256 px) shipped from PINNED host memory with ``non_blocking`` each step
+(as the shard loader hands them over), multi-crop on the GPU, the task under bf16 autocast (EMA teacher
+on the 2 global MS views, frozen random DINOv3 on the 2 global optical views, student on all views,
+losses), backward, total-norm clipping, fused AdamW, foreach EMA update. Per variant: samples/s, step
+time (median and mean), time split from CUDA events, peak memory (``torch.cuda.max_memory_allocated``
+over the timed steps, and over the whole variant), whether every loss term stayed finite over the timed
+steps, and for the first variant the FLOPs of one step (``FlopCounterMode``: forward + backward of every
+module, teachers included, augmentation excluded) and MFU = FLOPs / step time / peak (989 TFLOP/s dense
+bf16, H100 SXM; ``--peak-tflops``).
+
+Variants, in order (each in a forked child with a wall-clock limit; the JSON is rewritten after each,
+so a timeout keeps what finished):
+  ref_eager        swin_tiny + ViT-B/16 DINOv3 [8, 11], 2x224 + 10x96, batch 64, bf16; FLOPs/MFU; and the
+                   same steps again without the task's per-step finiteness check (its one host sync)
+  ref_compile      the same with ``train.compile=true`` (regional: each Swin block); skipped when the
+                   warm-up (compilation) exceeds ``--compile-warmup-s``
+  paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
+  paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
+  ref_compile_all  ref_compile with Dynamo's recompile limit raised from 8 to 64: each Swin block guards
+                   on its own drop-path rate, so with the default limit only the first 8 (block, crop
+                   size) graphs compile and the rest silently run eager (seen on CPU: unique_graphs 8)
+  paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [17, 23], checkpointing, if time is left
+
+    python bench/gpu_step.py --out $OUT/gpu.json           # H100: about 5-6 minutes
+    python bench/gpu_step.py --smoke --out /tmp/smoke.json  # CPU, tiny sizes, same code, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from step_bench import REPO, TrainStep, summarise  # noqa: E402
+
+from deo.config import build_config, read_yaml  # noqa: E402
+from deo.train.config import PretrainConfig  # noqa: E402
+
+H100_BF16_DENSE = 989e12
+"""H100 SXM dense bf16 tensor-core peak, FLOP/s (no sparsity)."""
+
+STATS = {
+    "ms": {"mean": [1500.0] * 10, "std": [1000.0] * 10},
+    "optical": {"mean": [110.0] * 3, "std": [50.0] * 3},
+}
+"""Band stats of the synthetic tiles (their values only scale the inputs)."""
+
+VARIANTS: list[dict[str, Any]] = [
+    {"name": "ref_eager", "config": "reference.yaml", "flops": True, "no_check_finite": True, "budget_s": 100},
+    {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
+     "compile": True},
+    {"name": "paper_ckpt", "config": "paper.yaml",
+     "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
+                   "train.activation_checkpointing=true"], "budget_s": 100},
+    {"name": "paper_nockpt", "config": "paper.yaml",
+     "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
+                   "train.activation_checkpointing=false"], "budget_s": 100},
+    {"name": "ref_compile_all", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
+     "compile": True, "recompile_limit": 64},
+    {"name": "paper_vitl_ckpt", "config": "paper.yaml", "overrides": ["train.activation_checkpointing=true"],
+     "budget_s": 110},
+]
+"""What to measure, in order. ``budget_s`` caps each child's wall time (model build included)."""
+
+def variant_config(v: dict[str, Any], smoke: bool, batch: int) -> PretrainConfig:
+    """The config of variant ``v``: its YAML at batch ``batch`` on one worker, random DINOv3 weights.
+
+    With ``smoke`` the tiny default student and teacher replace the real sizes (the step is the same code).
+    """
+    common = [f"train.batch_size={batch}", "scaling.num_workers=1", "teacher.weights=", "data=unused"]
+    overrides = list(v.get("overrides", []))
+    if smoke:
+        yaml = read_yaml(REPO / "configs/pretrain/default.yaml")
+        overrides = [o for o in overrides if o.startswith("train.")]
+        return build_config(PretrainConfig, yaml, [*common, "train.precision=fp32", *overrides])
+    yaml = read_yaml(REPO / "configs/pretrain" / v["config"])
+    return build_config(PretrainConfig, yaml, [*common, "train.precision=bf16", *overrides])
+
+
+def synthetic_batches(n: int, batch: int, tile: int, pin: bool, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` host batches as the shard loader yields them: uint16 MS, uint8 optical, pinned on CUDA hosts."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        b = {
+            "ms": torch.randint(1, 6000, (batch, 10, tile, tile), generator=g, dtype=torch.int32).to(torch.uint16),
+            "optical": torch.randint(0, 256, (batch, 3, tile, tile), generator=g, dtype=torch.int32).to(torch.uint8),
+            "has_optical": torch.ones(batch, dtype=torch.bool),
+            "ms_gsd": torch.full((batch,), 10.0),
+        }
+        out.append({k: v.pin_memory() for k, v in b.items()} if pin else b)
+    return out
+
+
+class Partial:
+    """A variant's result dict, rewritten to its file at every update (survives a kill)."""
+
+    def __init__(self, path: str, **fields: Any) -> None:
+        """Start the record with ``fields``."""
+        self.path, self.data = path, dict(fields)
+        self.write()
+
+    def update(self, **fields: Any) -> None:
+        """Merge ``fields`` and rewrite the file."""
+        self.data.update(fields)
+        self.write()
+
+    def write(self) -> None:
+        """Write atomically (a reader never sees half a file)."""
+        tmp = self.path + ".tmp"
+        Path(tmp).write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def _gib(n: float) -> float:
+    return round(n / 2**30, 3)
+
+
+def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
+    """Build and time one variant in this process, writing its record to ``path``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    batch = args.batch
+    cfg = variant_config(v, args.smoke, batch)
+    rec = Partial(path, name=v["name"], status="building", device=torch.cuda.get_device_name() if cuda else "cpu",
+                  student=cfg.model.student, teacher=cfg.teacher.name, teacher_layers=cfg.teacher.layers,
+                  batch=batch, precision=cfg.train.precision, compile=cfg.train.compile,
+                  activation_checkpointing=cfg.train.activation_checkpointing,
+                  views=f"{cfg.views.n_global}x{cfg.views.global_size} + {cfg.views.n_local}x{cfg.views.local_size}",
+                  tile_px=args.tile, tiles="pinned host, shipped non_blocking every step")
+    try:
+        if "recompile_limit" in v:
+            torch._dynamo.config.recompile_limit = v["recompile_limit"]
+            rec.update(recompile_limit=v["recompile_limit"])
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        runner = TrainStep(cfg, device, STATS)
+        host = synthetic_batches(2, batch, args.tile, pin=cuda)
+
+        def step(i: int) -> dict[str, torch.Tensor]:
+            ids = [f"s{i * batch + j}" for j in range(batch)]
+            return runner(host[i % len(host)], ids, i)
+
+        rec.update(status="warmup", build_s=round(time.perf_counter() - t0, 2),
+                   trainable_params=runner.trainable_parameters())
+        print(f"[{v['name']}] built in {rec.data['build_s']} s, {rec.data['trainable_params'] / 1e6:.1f}M "
+              f"trainable", flush=True)
+        i = 0
+        if v.get("flops"):
+            with FlopCounterMode(display=False) as fc:
+                step(i)
+            i += 1
+            rec.update(flops_per_step=fc.get_total_flops())
+        warm: list[float] = []
+        limit = args.compile_warmup_s if v.get("compile") else args.warmup_s
+        while len(warm) < args.warmup:
+            w0 = time.perf_counter()
+            step(i)
+            if cuda:
+                torch.cuda.synchronize()
+            warm.append(round(time.perf_counter() - w0, 3))
+            i += 1
+            rec.update(warmup_step_s=warm)
+            print(f"[{v['name']}] warm-up step {len(warm)}: {warm[-1]:.2f} s", flush=True)
+            if sum(warm) > limit:
+                rec.update(status=f"skipped: warm-up took {sum(warm):.0f} s > {limit:.0f} s")
+                return
+        if cuda:
+            rec.update(peak_mem_warmup_gib=_gib(torch.cuda.max_memory_allocated()))
+            torch.cuda.reset_peak_memory_stats()
+        rec.update(status="timing")
+        runner.clock.clear()
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        last: dict[str, torch.Tensor] = {}
+        for _ in range(args.steps):
+            last = step(i)
+            i += 1
+            finite &= torch.stack([x.float().reshape(()) for x in last.values()]).isfinite().all()
+        res = summarise(runner.clock.steps(), batch)
+        res["loss_finite"] = bool(finite)
+        res["losses_last"] = {k: round(float(x), 5) for k, x in last.items()}
+        if cuda:
+            res["peak_mem_gib"] = _gib(torch.cuda.max_memory_allocated())
+            res["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+        flops = rec.data.get("flops_per_step")
+        if flops:
+            achieved = flops / (res["step_ms_mean"] / 1e3)
+            res["tflops_achieved"] = round(achieved / 1e12, 4)
+            res["peak_tflops_assumed"] = args.peak_tflops
+            res["mfu"] = round(achieved / (args.peak_tflops * 1e12), 4) if cuda else None
+        if v.get("compile"):
+            from torch._dynamo.utils import counters
+
+            res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles", "graph_break") if k in counters}
+        rec.update(status="ok", **res)
+        print(f"[{v['name']}] {res['samples_per_s']:.1f} samples/s, step {res['step_ms_median']:.1f} ms "
+              f"(median), peak {res.get('peak_mem_gib', 'n/a')} GiB, finite={res['loss_finite']}", flush=True)
+        if v.get("no_check_finite"):
+            runner.task.check_finite_every_step = False
+            runner.clock.clear()
+            for _ in range(args.steps):
+                step(i)
+                i += 1
+            nc = summarise(runner.clock.steps(), batch)
+            rec.update(without_check_finite={k: nc[k] for k in ("samples_per_s", "step_ms_median",
+                                                                 "step_ms_mean", "split_ms_median")})
+            print(f"[{v['name']}] without the per-step finiteness sync: {nc['samples_per_s']:.1f} samples/s",
+                  flush=True)
+    except torch.cuda.OutOfMemoryError as e:
+        rec.update(status="oom", error=str(e).splitlines()[0][:300],
+                   peak_mem_gib=_gib(torch.cuda.max_memory_allocated()))
+        print(f"[{v['name']}] out of memory", flush=True)
+    except Exception as e:  # a broken variant must not stop the others: record it
+        rec.update(status=f"error: {type(e).__name__}: {e}"[:500], traceback=traceback.format_exc()[-3000:])
+        print(f"[{v['name']}] failed: {type(e).__name__}: {e}", flush=True)
+    finally:
+        rec.update(wall_s=round(time.perf_counter() - t0, 1))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the variants in forked children within ``--budget-s`` and write the summary JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="summary JSON (rewritten after every variant)")
+    ap.add_argument("--smoke", action="store_true", help="tiny student/teacher on CPU, few steps")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (20; smoke 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (4; smoke 1)")
+    ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (64; smoke 4)")
+    ap.add_argument("--tile", type=int, default=None, help="tile side in pixels (256; smoke 64)")
+    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run (400; smoke 50)")
+    ap.add_argument("--warmup-s", type=float, default=60, help="give up a variant whose warm-up exceeds this")
+    ap.add_argument("--compile-warmup-s", type=float, default=None, help="same for compiled variants (120; smoke 8)")
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="bf16 dense peak for MFU")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (smoke)")
+    args = ap.parse_args(argv)
+    defaults = {"steps": (20, 2), "warmup": (4, 1), "batch": (64, 4), "tile": (256, 64), "budget_s": (400, 50),
+                "compile_warmup_s": (120, 8)}
+    for k, (full, smoke) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, smoke if args.smoke else full)
+    names = [v["name"] for v in VARIANTS]
+    chosen = [n for n in args.only.split(",") if n] or names
+    if bad := sorted(set(chosen) - set(names)):
+        raise ValueError(f"--only must name variants of {names}, got {bad}")
+    start = time.perf_counter()
+    summary: dict[str, Any] = {
+        "command": "python bench/gpu_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__, "smoke": args.smoke, "peak_tflops_assumed": args.peak_tflops,
+        "reference_public_impl": {"s_per_step": 0.401, "samples_per_s": 159.6, "peak_gib": 38.9,
+                                  "goal_samples_per_s": 320},
+        "variants": {},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def flush() -> None:
+        summary["wall_s"] = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps(summary, indent=1, default=str))
+
+    ctx = mp.get_context("fork")  # children inherit the imports; the parent never initialises CUDA
+    for v in VARIANTS:
+        if v["name"] not in chosen:
+            continue
+        left = args.budget_s - (time.perf_counter() - start)
+        # smoke: CPU inductor compiles for minutes, so the compiled variant exercises the time guard
+        own = (args.compile_warmup_s + 6 if v.get("compile") else left) if args.smoke else v["budget_s"]
+        limit = min(own, left)
+        if limit < (8 if args.smoke else 40):
+            summary["variants"][v["name"]] = {"status": f"skipped: {left:.0f} s of the budget left"}
+            flush()
+            continue
+        path = str(out) + f".{v['name']}.json"
+        print(f"== {v['name']} (limit {limit:.0f} s)", flush=True)
+        proc = ctx.Process(target=run_variant, args=(v, args, path))
+        proc.start()
+        proc.join(limit)
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
+            proc.join()
+        try:
+            rec = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            rec = {"status": "no record"}
+        if timed_out:
+            rec["status"] = f"timeout after {limit:.0f} s (was: {rec.get('status')})"
+        elif proc.exitcode:
+            rec["status"] = f"child exit code {proc.exitcode} (was: {rec.get('status')})"
+        summary["variants"][v["name"]] = rec
+        flush()
+        print(f"== {v['name']}: {rec.get('status')}", flush=True)
+    ok = {n: r for n, r in summary["variants"].items() if r.get("status") == "ok"}
+    if "ref_eager" in ok:
+        best = max((r["samples_per_s"], n) for n, r in ok.items() if n.startswith("ref_"))
+        summary["best_reference"] = {"variant": best[1], "samples_per_s": round(best[0], 1),
+                                     "speedup_vs_public": round(best[0] / 159.6, 2)}
+    flush()
+    print(json.dumps({n: {k: r.get(k) for k in ("status", "samples_per_s", "peak_mem_gib", "mfu")}
+                      for n, r in summary["variants"].items()}, indent=1), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

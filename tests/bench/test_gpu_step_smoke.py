@@ -1,0 +1,43 @@
+"""bench/gpu_step.py --smoke: the prepared GPU script runs end to end on CPU, so it cannot break silently."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import gpu_step  # noqa: E402
+from step_bench import PHASES  # noqa: E402
+
+from deo.train.task import DEOTask  # noqa: E402
+
+
+@pytest.mark.slow
+def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
+    out = tmp_path / "gpu.json"
+    summary = gpu_step.main(["--smoke", "--out", str(out), "--compile-warmup-s", "0", "--steps", "2"])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["variants"].keys() == summary["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
+    v = on_disk["variants"]
+    for name in ("ref_eager", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
+        r = v[name]
+        assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
+        assert r["loss_finite"] is True
+        assert r["samples_per_s"] == pytest.approx(r["batch"] * 1000 / r["step_ms_mean"])
+        assert set(PHASES) <= set(r["split_ms_median"])
+        assert -1.0 <= r["losses_last"]["compression"] <= 1.0
+    assert v["paper_ckpt"]["activation_checkpointing"] and not v["paper_nockpt"]["activation_checkpointing"]
+    # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
+    for name in ("ref_compile", "ref_compile_all"):
+        assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
+    assert v["ref_compile_all"].get("recompile_limit", 64) == 64
+    ref = v["ref_eager"]
+    assert ref["flops_per_step"] > 0 and ref["tflops_achieved"] > 0
+    assert ref["without_check_finite"]["samples_per_s"] > 0
+    # the trainable count is the task's, built independently
+    cfg = gpu_step.variant_config(gpu_step.VARIANTS[0], smoke=True, batch=4)
+    task = DEOTask(cfg)
+    assert ref["trainable_params"] == sum(p.numel() for p in task.trainable.parameters())
+    assert summary["best_reference"]["variant"] == "ref_eager"

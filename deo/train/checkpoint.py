@@ -77,16 +77,31 @@ def load_state(folder_or_file: str) -> dict[str, Any]:
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(run_uri: str) -> str | None:
-    """The ``checkpoint_*`` folder with the highest step under a run folder, or None."""
+def list_checkpoints(run_uri: str) -> list[str]:
+    """``checkpoint_<step>`` folders holding a state file under a run folder, newest first."""
     fs, path = storage.filesystem(run_uri)
     if not fs.exists(path):
-        return None
-    best: tuple[int, str] | None = None
+        return []
+    found: list[tuple[int, str]] = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         m = _CKPT.match(name)
         if m and fs.exists(entry.rstrip("/") + "/" + STATE_FILE):
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), storage.join(run_uri, name))
-    return best[1] if best else None
+            found.append((int(m.group(1)), storage.join(run_uri, name)))
+    return [uri for _, uri in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The ``checkpoint_*`` folder with the highest step under a run folder, or None."""
+    found = list_checkpoints(run_uri)
+    return found[0] if found else None
+
+
+def newest_readable_state(run_uri: str) -> dict[str, Any] | None:
+    """The state of the newest checkpoint that loads (a half-copied one is skipped), or None."""
+    for uri in list_checkpoints(run_uri):
+        try:
+            return load_state(uri)
+        except (RuntimeError, EOFError, OSError, KeyError) as e:
+            print(f"skipping unreadable checkpoint {uri}: {e}", flush=True)
+    return None

@@ -227,7 +227,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
 
             if step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps:
                 state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,
-                                              shards.bands) if main else None
+                                              shards.manifest["bands"]) if main else None
                 if log is not None:
                     log.flush()
                 runtime.save(state_out, {"step": step, "epoch": position.epoch, **last}, step)
@@ -242,7 +242,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             from deo.export import export_backbone
 
             summary.backbone = storage.join(run_uri, "backbone.safetensors")
-            export_backbone(_unwrap(task.trainable).student, cfg, stats, shards.bands, summary.backbone,
+            export_backbone(_unwrap(task.trainable).student, cfg, stats, shards.manifest["bands"], summary.backbone,
                             step=step)
         if log is not None:
             log.close()

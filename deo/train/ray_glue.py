@@ -32,7 +32,8 @@ FORWARDED_ENV = (
 class RayRuntime:
     """:class:`deo.train.runtime.Runtime` on a Ray Train worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_uri: str) -> None:
+        self.run_uri = run_uri
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -44,11 +45,21 @@ class RayRuntime:
         return ray.train.torch.prepare_model(module, move_to_device=False)
 
     def restore(self) -> dict[str, Any] | None:
+        """Ray's latest registered checkpoint, else the newest readable one in the run folder.
+
+        A worker lost right after persisting a checkpoint but before the controller registered it
+        leaves a complete ``checkpoint_<step>`` that Ray does not know; resuming from it saves the
+        steps since the previous one.
+        """
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return ckpt.load_state(folder)
+        registered = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                registered = ckpt.load_state(folder)
+        newest = ckpt.newest_readable_state(self.run_uri)
+        if newest is not None and (registered is None or newest["step"] > registered["step"]):
+            return newest
+        return registered
 
     def save(self, state: dict[str, Any] | None, metrics: dict[str, Any], step: int) -> None:
         name = ckpt.checkpoint_name(step)
@@ -72,7 +83,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from deo.train.loop import train
 
     cfg = build_config(PretrainConfig, loop_config["config"])
-    train(cfg, RayRuntime(), run_uri=loop_config["run_uri"])
+    train(cfg, RayRuntime(loop_config["run_uri"]), run_uri=loop_config["run_uri"])
 
 
 def storage_path(uri: str) -> str:

@@ -68,8 +68,7 @@ class LocalRuntime:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def restore(self) -> dict[str, Any] | None:
-        latest = ckpt.latest_checkpoint(self.run_uri)
-        return ckpt.load_state(latest) if latest else None
+        return ckpt.newest_readable_state(self.run_uri)
 
     def save(self, state: dict[str, Any] | None, metrics: dict[str, Any], step: int) -> None:
         if state is not None:

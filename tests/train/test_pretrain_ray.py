@@ -1,0 +1,150 @@
+"""pipelines/pretrain.py on real Ray: CLI, resume, 1 vs 2 workers, ray job submit on S3, lost node."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import free_port, run_cli
+from deo.config import build_config, read_yaml
+from deo.train.config import PretrainConfig
+from tests_helpers import REPO, metric_lines
+
+TINY = ["train.batch_size=8", "views.n_local=2", "run.log_every=1", "run.tensorboard=false",
+        "train.warmup_steps=2"]
+
+
+def test_bad_configs_fail_before_any_worker_starts(sample_shards, tmp_path):
+    cases = [
+        (["loss.gama=1"], "unknown config key 'loss.gama'"),
+        (["train.max_steps=lots"], "train.max_steps"),
+        ([f"data={tmp_path}/nothing"], "no manifest.json"),
+        (["train.batch_size=15", "scaling.num_workers=2"], "divisible by scaling.num_workers"),
+        (["teacher.weights=/no/such/dinov3.safetensors"], "teacher.weights"),
+    ]
+    for args, message in cases:
+        t0 = time.perf_counter()
+        r = run_cli(["pipelines/pretrain.py", f"data={sample_shards}", f"run.storage={tmp_path}", *args])
+        assert r.returncode != 0, args
+        assert message in r.stderr, (args, r.stderr[-2000:])
+        assert "Started a local Ray instance" not in r.stdout + r.stderr
+        assert time.perf_counter() - t0 < 60
+    # shards whose bands differ from the model's
+    bad = tmp_path / "bad_bands"
+    bad.mkdir()
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    manifest["bands"]["ms"] = manifest["bands"]["ms"][:-1] + ["B01"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli(["pipelines/pretrain.py", f"data={bad}", f"run.storage={tmp_path}"])
+    assert r.returncode != 0 and "B01" in r.stderr and str(bad) in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
+    args = ["pipelines/pretrain.py", f"data={sample_shards}", f"run.storage={tmp_path}", "run.name=e2e",
+            "train.max_steps=4", "run.checkpoint_every=2", *TINY]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "=== pretraining summary ===" in r.stdout and "images/s" in r.stdout
+    folder = tmp_path / "e2e"
+    assert [x["step"] for x in metric_lines(folder)] == [1, 2, 3, 4]
+    assert (folder / "backbone.safetensors").exists() and (folder / "config.yaml").exists()
+    assert sorted(p.name for p in folder.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000004"]
+    again = run_cli(args)
+    assert again.returncode == 0 and "already finished at step 4" in again.stdout
+
+
+@pytest.mark.ray
+def test_two_workers_give_the_losses_of_one_with_the_same_global_batch(sample_shards, tmp_path, ray_local):
+    from deo.train.driver import run_folder
+    from deo.train.ray_glue import build_trainer
+
+    losses = {}
+    for workers in (1, 2):
+        cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
+            f"data={sample_shards}", f"run.storage={tmp_path}", f"run.name=w{workers}", *TINY,
+            "train.max_steps=3", "model.drop_path=0", "train.data_order=global",
+            f"scaling.num_workers={workers}", "scaling.cpus_per_worker=0.5", "run.export=false"])
+        result = build_trainer(cfg, run_folder(cfg)).fit()
+        assert result.error is None
+        losses[workers] = metric_lines(tmp_path / f"w{workers}")
+    for one, two in zip(losses[1], losses[2], strict=True):
+        for term in ("loss", "compression", "coding_rate", "cls_cos", "pF_cos", "pmid_cos"):
+            assert two[term] == pytest.approx(one[term], rel=2e-3, abs=2e-4), (one["step"], term)
+
+
+@pytest.fixture
+def ray_head(s3_server, tmp_path):
+    """A `ray start --head` of our own (own process group, killed by id), dashboard for jobs."""
+    import tempfile
+
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+         f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list",
+                            "--address", address], capture_output=True, text=True, env=env)
+        if r.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ray head did not start")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    import shutil
+
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_writes_the_run_folder_to_s3(sample_shards, s3_server, s3_bucket, ray_head):
+    import s3fs
+
+    data = s3_server.upload_dir(sample_shards, f"{s3_bucket}/shards")
+    runs = f"{s3_bucket}/runs"
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    r = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", "data"]}), "--",
+         "python", "pipelines/pretrain.py", f"data={data}", f"run.storage={runs}", "run.name=job",
+         "train.max_steps=3", "run.checkpoint_every=3", *TINY],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(runs.removeprefix("s3://") + "/job")}
+    assert {"config.yaml", "metrics.jsonl", "backbone.safetensors", "checkpoint_00000003"} <= names
+    lines = fs.cat(runs.removeprefix("s3://") + "/job/metrics.jsonl").decode().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_a_node_mid_run_resumes_from_the_checkpoint(sample_shards, tmp_path):
+    script = REPO / "tests" / "train" / "node_loss_run.py"
+    r = subprocess.run([sys.executable, str(script), str(sample_shards), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["removed_after_step"] >= 2
+    steps = [x["step"] for x in metric_lines(tmp_path / "nodeloss")]
+    assert steps == list(range(1, report["max_steps"] + 1))  # resumed: nothing repeated or skipped
+    assert "resuming" in r.stdout and "at step" in r.stdout  # the worker group restarted from a checkpoint

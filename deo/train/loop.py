@@ -139,6 +139,12 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     start_step = step
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
+    probe = None
+    if main and cfg.probe.every:
+        from deo.eval.in_loop_probe import build_knn_probe
+
+        probe = build_knn_probe(cfg.probe, stats, seed=cfg.train.seed)
+    probe_metrics: dict[str, float] = {}
     if main and step == 0:
         storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(cfg))
         storage.write_text(storage.join(run_uri, "manifest.json"), json.dumps(shards.manifest, indent=1))
@@ -222,15 +228,28 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                                         started, start_step), flush=True)
                 sums, window_steps, window_wait = {}, 0, 0.0
                 window_start = time.perf_counter()
-                if step % cfg.run.report_every == 0 and step % cfg.run.checkpoint_every:
-                    runtime.report(record)
+                if step % cfg.run.report_every == 0 and step % cfg.run.checkpoint_every \
+                        and not (cfg.probe.every and step % cfg.probe.every == 0):
+                    runtime.report({**record, **probe_metrics})
 
+            if probe is not None and (step % cfg.probe.every == 0 or step == cfg.train.max_steps):
+                # rank 0 only (no collectives inside); the other ranks wait at the next collective
+                student = _unwrap(task.trainable).student
+                probe_metrics = probe(student, device)
+                if log is not None:
+                    log.log_probe({"step": step, **probe_metrics})
+                    print(f"step {step} probe: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                                          probe_metrics.items()), flush=True)
+            if cfg.probe.every and step % cfg.probe.every == 0 and step % cfg.run.checkpoint_every \
+                    and step != cfg.train.max_steps:
+                runtime.report({"step": step, "epoch": position.epoch, **last, **probe_metrics})
             if step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps:
                 state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,
                                               shards.manifest["bands"]) if main else None
                 if log is not None:
                     log.flush()
-                runtime.save(state_out, {"step": step, "epoch": position.epoch, **last}, step)
+                runtime.save(state_out, {"step": step, "epoch": position.epoch, **last, **probe_metrics},
+                             step)
         if n == batches_left(lanes, B):  # the lane was read to its end: next epoch
             position.next_epoch()
 

@@ -24,13 +24,9 @@ class MetricsLog:
                  mlflow_uri: str = "") -> None:
         self.run_uri = run_uri
         self.uri = storage.join(run_uri, "metrics.jsonl")
-        self.lines: list[dict[str, Any]] = []
-        if resume_step > 0 and storage.exists(self.uri):
-            for line in storage.read_text(self.uri).splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec["step"] <= resume_step:
-                        self.lines.append(rec)
+        self.probe_uri = storage.join(run_uri, "probe.jsonl")
+        self.lines = self._read(self.uri, resume_step)
+        self.probe_lines = self._read(self.probe_uri, resume_step)
         self.tb_dir = tempfile.mkdtemp(prefix="deo-tb-") if tensorboard else None
         self.writer = None
         if self.tb_dir:
@@ -44,6 +40,22 @@ class MetricsLog:
             mlflow.set_tracking_uri(mlflow_uri)
             mlflow.start_run(run_name=run_uri.rstrip("/").rsplit("/", 1)[-1])
             self.mlflow = mlflow
+
+    @staticmethod
+    def _read(uri: str, resume_step: int) -> list[dict[str, Any]]:
+        """Records of an existing file up to ``resume_step`` (later ones were never checkpointed)."""
+        if resume_step <= 0 or not storage.exists(uri):
+            return []
+        records = [json.loads(x) for x in storage.read_text(uri).splitlines() if x.strip()]
+        return [r for r in records if r["step"] <= resume_step]
+
+    def log_probe(self, record: dict[str, Any]) -> None:
+        """Add one in-loop probe result (``step`` and ``probe/*`` values) to probe.jsonl."""
+        self.probe_lines.append(record)
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(k, v, int(record["step"]))
 
     def log(self, record: dict[str, Any]) -> None:
         """Add one step's record (must contain ``step``)."""
@@ -60,6 +72,8 @@ class MetricsLog:
     def flush(self) -> None:
         """Rewrite metrics.jsonl and copy TensorBoard event files into the run folder."""
         storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.lines))
+        if self.probe_lines:
+            storage.write_text(self.probe_uri, "".join(json.dumps(r) + "\n" for r in self.probe_lines))
         if self.writer is not None and self.tb_dir:
             self.writer.flush()
             for name in os.listdir(self.tb_dir):

@@ -82,3 +82,14 @@ def test_a_nan_loss_stops_training_naming_the_term(sample_shards, tmp_path, monk
     with pytest.raises(FloatingPointError, match=r"coding_rate=nan at step 0"):
         run(cfg, tmp_path)
     assert not list((tmp_path / "nan").glob("checkpoint_*"))
+
+
+def test_in_loop_probe_writes_probe_jsonl(sample_shards, tmp_path):
+    cfg = tiny_cfg(sample_shards, tmp_path, "probe", "train.max_steps=4", "probe.every=2",
+                   f"probe.dataset={REPO}/data/samples/eurosat_probe.csv", "run.export=false")
+    run(cfg, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "probe" / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert 0.0 <= r["probe/knn_avg"] <= 1.0
+        assert any(k.startswith("probe/knn_k") for k in r)

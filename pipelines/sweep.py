@@ -1,0 +1,38 @@
+"""Sweep DEO loss weights with Ray Tune over full pretraining runs.
+
+    python pipelines/sweep.py --config configs/sweep/alpha_gamma.yaml [key=value ...]
+
+Rerunning the same command resumes an interrupted sweep. Writes <storage>/<name>/results.csv,
+best.yaml (a pretrain config with the best weights) and curves.png. `--help` lists every key.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deo.config import ConfigError, fail, load_config  # noqa: E402
+from deo.tune.config import SweepConfig  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep" / "alpha_gamma.yaml"
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(SweepConfig, argv, DEFAULT_CONFIG, title=__doc__.strip().splitlines()[0])
+        from deo.tune.sweep import format_table, run_sweep
+
+        result = run_sweep(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    print("\n=== sweep results ===")
+    print(format_table(result.rows, cfg.metric))
+    print(f"\nresults  {result.results_csv}\nbest     {result.best_yaml}\ncurves   {result.plot}")
+    errors = [r for r in result.rows if r["status"] == "ERROR"]
+    if errors:
+        print(f"{len(errors)} trial(s) failed: " + "; ".join(f"{r['trial']}: {r['error']}" for r in errors))
+    return 0 if result.best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

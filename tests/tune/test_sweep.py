@@ -1,0 +1,122 @@
+"""Ray Tune sweeps over real tiny pretraining runs: ASHA, results, failures, resume."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from deo.config import build_config, read_yaml
+from deo.train.config import PretrainConfig
+from deo.tune.config import SweepConfig
+from tests_helpers import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def sweep_yaml(tmp_path, shards, storage, name, space, extra=None, eurosat=None):
+    overrides = [f"data={shards}", "train.max_steps=24", "train.batch_size=8", "views.n_local=2",
+                 "probe.every=8", "run.checkpoint_every=8", "run.report_every=8", "run.log_every=4",
+                 "run.export=false", "run.tensorboard=false", f"probe.dataset={eurosat}",
+                 "probe.max_samples=120"]
+    doc = {"storage": storage, "name": name, "pretrain_config": str(REPO / "configs/pretrain/default.yaml"),
+           "overrides": overrides, "space": space, "num_samples": 4, "max_concurrent": 2,
+           "grace_period": 8, "reduction_factor": 2,
+           "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "trainable_cpus": 0.01, "max_failures": 1},
+           **(extra or {})}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_sweep_cli(path, *args, timeout=900):
+    return subprocess.run([sys.executable, "pipelines/sweep.py", "--config", str(path), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(fs_or_path):
+    return list(csv.DictReader(fs_or_path.splitlines()))
+
+
+def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, shared_data, s3_server,
+                                                               s3_bucket, tmp_path):
+    import s3fs
+
+    data = s3_server.upload_dir(sample_shards, f"{s3_bucket}/shards")
+    space = {"loss.alpha1": {"type": "grid", "values": [0.0, 0.25, 0.5, 1.0]},
+             "loss.gamma": {"type": "choice", "values": [0.5, 1.0]}}
+    path = sweep_yaml(tmp_path, data, f"{s3_bucket}/sweeps", "asha", space, {"num_samples": 1},
+                      eurosat=shared_data / "eurosat_ms")
+    r = run_sweep_cli(path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "=== sweep results ===" in r.stdout
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    root = f"{s3_bucket.removeprefix('s3://')}/sweeps/asha"
+    rows = read_rows(fs.cat(f"{root}/results.csv").decode())
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}
+    assert any(r["status"] == "STOPPED" for r in rows), rows  # ASHA stopped at least one early
+    assert any(r["status"] == "TERMINATED" and int(r["steps"]) == 24 for r in rows)
+    best = yaml.safe_load(fs.cat(f"{root}/best.yaml").decode())
+    cfg = build_config(PretrainConfig, best)  # a valid pretrain config ...
+    top = max(rows, key=lambda r: float(r["probe/knn_avg"]))
+    assert cfg.loss.alpha1 == pytest.approx(float(top["loss.alpha1"]))  # ... with the best weights
+    assert fs.cat(f"{root}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in rows:  # stopped trials keep their checkpoints
+        assert fs.glob(f"{root}/trials/{row['trial']}/checkpoint_0*")
+
+
+def test_a_failing_trial_is_recorded_and_the_others_finish(sample_shards, shared_data, tmp_path):
+    space = {"loss.eps": {"type": "grid", "values": [0.05, -1.0]}}  # eps=-1 is rejected in the trial
+    path = sweep_yaml(tmp_path, sample_shards, str(tmp_path / "sweeps"), "fails", space,
+                      {"num_samples": 1, "scheduler": "fifo"}, eurosat=shared_data / "eurosat_ms")
+    r = run_sweep_cli(path, "overrides=[train.max_steps=8,probe.every=8,run.checkpoint_every=8,"
+                            f"data={sample_shards},probe.dataset={shared_data / 'eurosat_ms'},"
+                            "train.batch_size=8,views.n_local=2,run.export=false]")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = read_rows((tmp_path / "sweeps/fails/results.csv").read_text())
+    by_eps = {float(x["loss.eps"]): x for x in rows}
+    assert by_eps[-1.0]["status"] == "ERROR" and "loss.eps" in by_eps[-1.0]["error"]
+    assert by_eps[0.05]["status"] == "TERMINATED" and int(by_eps[0.05]["steps"]) == 8
+    assert "1 trial(s) failed" in r.stdout
+
+
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(sample_shards, shared_data, tmp_path):
+    space = {"loss.gamma": {"type": "grid", "values": [0.5, 1.0, 2.0]}}
+    path = sweep_yaml(tmp_path, sample_shards, str(tmp_path / "sweeps"), "resume", space,
+                      {"num_samples": 1, "scheduler": "fifo", "max_concurrent": 1},
+                      eurosat=shared_data / "eurosat_ms")
+    proc = subprocess.Popen([sys.executable, "pipelines/sweep.py", "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = tmp_path / "sweeps/resume/trials"
+    deadline = time.time() + 400
+    finished = []
+    while time.time() < deadline and not finished:  # wait until one trial has finished
+        finished = [p for p in trials.glob("*") if (p / "summary.json").exists()] if trials.exists() else []
+        time.sleep(1)
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-sweep
+    proc.wait()
+    done_mtime = (finished[0] / "summary.json").stat().st_mtime
+    r = run_sweep_cli(path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "resuming sweep" in r.stdout
+    rows = read_rows((tmp_path / "sweeps/resume/results.csv").read_text())
+    assert len(rows) == 3 and all(x["status"] == "TERMINATED" for x in rows), rows
+    assert (finished[0] / "summary.json").stat().st_mtime == done_mtime  # not run again
+
+
+def test_sweep_config_rejects_unknown_space_keys(tmp_path):
+    from deo.config import ConfigError
+    from deo.tune.space import to_tune_space
+
+    with pytest.raises(ConfigError, match="space.loss.gama"):
+        to_tune_space({"loss.gama": {"type": "uniform", "low": 0, "high": 1}})
+    with pytest.raises(ConfigError, match="needs field 'high'"):
+        to_tune_space({"loss.gamma": {"type": "uniform", "low": 0}})
+    cfg = build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"))
+    assert set(cfg.space) == {"loss.alpha1", "loss.alpha2", "loss.alpha3", "loss.gamma"}

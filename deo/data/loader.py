@@ -44,8 +44,7 @@ def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch
     Returns:
         (B, 3, A, A) uint8, as ingest's ``s2_optical`` would have written it.
     """
-    if bool(has_optical.all()):
-        return optical
+    # no early exit on has_optical.all(): reading it back would sync the GPU every step
     rgb = ms[:, [2, 1, 0]].float() * (255.0 / max_value)
     if rgb.shape[-1] != optical.shape[-1]:
         rgb = torch.nn.functional.interpolate(rgb, size=optical.shape[-2:], mode="bilinear",

@@ -80,6 +80,11 @@ def configure_student(student: torch.nn.Module, cfg: PretrainConfig) -> None:
     if cfg.train.activation_checkpointing:
         student.swin.set_grad_checkpointing(True)
     if cfg.train.compile:
+        import torch._dynamo
+
+        # every Swin block guards on its own drop-path rate: with Dynamo's default limit of 8 graphs the
+        # later blocks would silently stay eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in student.modules():
             if isinstance(block, SwinTransformerBlock):
                 block.compile(dynamic=False)

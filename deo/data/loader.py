@@ -45,7 +45,8 @@ def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch
         (B, 3, A, A) uint8, as ingest's ``s2_optical`` would have written it.
     """
     # no early exit on has_optical.all(): reading it back would sync the GPU every step
-    rgb = ms[:, [2, 1, 0]].float() * (255.0 / max_value)
+    # B04 B03 B02 = channels 2, 1, 0; slice then flip (CUDA has no uint16 indexing kernels)
+    rgb = ms[:, 0:3].float().flip(1) * (255.0 / max_value)
     if rgb.shape[-1] != optical.shape[-1]:
         rgb = torch.nn.functional.interpolate(rgb, size=optical.shape[-2:], mode="bilinear",
                                               align_corners=False)

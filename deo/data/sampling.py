@@ -79,18 +79,25 @@ def units_to_stream(units: list[tuple[int, int, np.ndarray]], seed: int, epoch: 
     return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
 
-def _chunks(stream: Stream) -> list[Stream]:
-    """Split a stream into runs of rows from the same (file, row group)."""
+def _chunks(stream: Stream, max_rows: int) -> list[Stream]:
+    """Split a stream into runs of rows from the same (file, row group), each of at most ``max_rows``.
+
+    Row groups larger than ``max_rows`` are cut so a small dataset still feeds every worker (a worker
+    then reads part of a row group another worker reads too; large datasets keep whole row groups).
+    """
     if len(stream) == 0:
         return []
     change = np.flatnonzero(np.any(stream[1:, :2] != stream[:-1, :2], axis=1)) + 1
-    return np.split(stream, change)
+    out = []
+    for run in np.split(stream, change):
+        out.extend(run[i : i + max_rows] for i in range(0, len(run), max_rows))
+    return out
 
 
 def _deal(stream: Stream, world_size: int, seed: int, epoch: int, segment: int,
           shuffle_buffer: int) -> list[Stream]:
     """Deal the stream's chunks round-robin to lanes and window-shuffle each lane."""
-    chunks = _chunks(stream)
+    chunks = _chunks(stream, max(1, len(stream) // (4 * world_size)))
     lanes = []
     for lane in range(world_size):
         mine = chunks[lane::world_size]

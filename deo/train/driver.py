@@ -39,6 +39,25 @@ def run_folder(cfg: PretrainConfig) -> str:
     return storage.join(base, cfg.run.name)
 
 
+PATH_KEYS = ("data", "probe.dataset", "teacher.weights", "model.init_from", "model.rgb_weights")
+"""Config keys holding local paths or URIs that workers open."""
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with relative local paths made absolute: Ray workers do not run in the driver's cwd."""
+    import dataclasses
+
+    changes: dict[str, dict[str, str]] = {}
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value and "://" not in value and not os.path.isabs(value):
+            changes.setdefault(section, {})[name] = os.path.abspath(value)
+    top = changes.pop("", {})
+    sections = {sec: dataclasses.replace(getattr(cfg, sec), **vals) for sec, vals in changes.items()}
+    return dataclasses.replace(cfg, **top, **sections)
+
+
 def ensure_default_data(cfg: PretrainConfig) -> None:
     """The embedded default: ingest the committed samples when their shards are missing."""
     if cfg.data != DEFAULT_DATA or storage.exists(storage.join(cfg.data, "manifest.json")):
@@ -90,7 +109,8 @@ def _init_ray(cfg: PretrainConfig) -> None:
     if address:
         ray.init(address=address)
     else:  # a local Ray for the embedded default
-        ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False,
+        # the dashboard's state API lets Ray Train's placement-group cleaner watch its controller
+        ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=True,
                  configure_logging=False)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and "://" not in cfg.run.storage:
@@ -100,8 +120,11 @@ def _init_ray(cfg: PretrainConfig) -> None:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Validate, then train with Ray Train (resuming a run of the same name), and summarise."""
+    if cfg.data == DEFAULT_DATA and not storage.exists(storage.join(cfg.data, "manifest.json")):
+        _init_ray(cfg)  # before the ingest, so worker logs reach this driver
     ensure_default_data(cfg)
     validate(cfg)
+    cfg = absolute_paths(cfg)
     run_uri = run_folder(cfg)
     done = finished_summary(run_uri, cfg)
     if done is not None:

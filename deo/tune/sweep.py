@@ -42,21 +42,14 @@ def _abs(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-PATH_KEYS = ("data", "probe.dataset", "teacher.weights", "model.init_from", "model.rgb_weights")
-
-
 def base_config(sweep: SweepConfig) -> dict[str, Any]:
     """The trials' common pretraining config (base YAML <- sweep overrides) with local paths made
     absolute on the driver: Tune runs each trial in its own working directory."""
-    cfg = to_dict(build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
-                               source=sweep.pretrain_config))
-    for key in PATH_KEYS:
-        section, _, name = key.rpartition(".")
-        node = cfg[section] if section else cfg
-        value = node[name]
-        if value and "://" not in value and not os.path.isabs(value):
-            node[name] = os.path.abspath(value)
-    return cfg
+    from deo.train.driver import absolute_paths
+
+    cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
+                       source=sweep.pretrain_config)
+    return to_dict(absolute_paths(cfg))
 
 
 def trial_config(sweep: SweepConfig, base: dict[str, Any], params: dict[str, Any], trial_id: str

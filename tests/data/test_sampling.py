@@ -22,10 +22,10 @@ def consume(units, world, batches, segments, B=8, seed=3, epoch=0, buf=16):
 
 
 def test_one_epoch_reads_each_row_once_across_workers():
-    units = make_units([10, 7, 13, 9, 11, 5])
+    units = make_units([10, 7, 13, 9, 11, 5] * 8)  # many row groups: each stays whole
     lanes = lane_streams(units, 0, 0, 8, 2, [], 16)
     all_rows = np.concatenate(lanes)
-    assert len(all_rows) == 55 == len(rows_of(all_rows))
+    assert len(all_rows) == 440 == len(rows_of(all_rows))
     # lanes do not share a row group: no read amplification
     groups = [set(map(tuple, lane[:, :2].tolist())) for lane in lanes]
     assert not groups[0] & groups[1]
@@ -84,3 +84,10 @@ def test_resume_with_the_same_world_size_continues_each_lane_exactly():
     resumed = lane_streams(units, 2, 0, 8, 2, [[2, 3]], 16)
     for a, b in zip(fresh, resumed):
         assert (a[3 * 4:] == b).all()
+
+
+def test_one_big_row_group_still_feeds_every_worker():
+    units = [(0, 0, np.arange(161))]  # the committed samples: one file, one row group
+    lanes = lane_streams(units, 0, 0, 16, 2, [], 64)
+    assert batches_left(lanes, 16) >= 4
+    assert not rows_of(lanes[0]) & rows_of(lanes[1])

@@ -31,10 +31,11 @@ def main(argv: list[str]) -> int:
     summary = ingest(cfg)
     c = summary["counts"]
     print(f"[ingest] done in {summary['seconds']:.1f} s: {c['rows']} tiles ({c['ms']} MS, "
-          f"{c['optical']} optical, {c['paired']} aerial pairs), rejected {c['rejected']} "
+          f"{c['optical']} optical, {c['paired']} aerial pairs, {c['sar']} with SAR), rejected {c['rejected']} "
           f"(nodata {c['rejected_nodata']}, cloud {c['rejected_cloud']}), {summary['tiles_per_s']} tiles/s")
-    print(f"[ingest] sources ok {summary['sources']['ok']}, skipped {summary['sources']['skipped']}, "
-          f"failed {summary['sources']['failed']}; manifest {summary['manifest']}")
+    print(f"[ingest] sources ok {summary['sources']['ok']}, partial {summary['sources']['partial']}, "
+          f"skipped {summary['sources']['skipped']}, failed {summary['sources']['failed']}; "
+          f"manifest {summary['manifest']}")
     for f in summary["failed"]:
         print(f"[ingest] failed: {f['uri']}: {f['reason']}", file=sys.stderr)
     print(json.dumps({"summary_json": cfg.summary or summary["output"] + "/summary.json"}))

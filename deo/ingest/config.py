@@ -42,6 +42,11 @@ class IngestConfig:
         help="Sentinel-2 inputs: files, folders (searched recursively) or globs; local, file://, s3://, gs://",
     )
     aerial: list[str] = option([AERIAL_SAMPLES], help="aerial RGB(N) GeoTIFF inputs: files, folders or globs")
+    sar: list[str] = option(
+        [], help="Sentinel-1 inputs: single-polarisation GeoTIFFs named by VV/VH (BigEarthNet-S1 "
+        "<patch>_VV.tif, <patch>_VH.tif), float32 backscatter in dB; files, folders or globs. Each MS tile "
+        "wholly covered by a VV+VH pair gets a `sar` crop on its grid (empty: no `sar` column)",
+    )
     s2_band_order: list[str] = option(
         [], help="band order of stacked S2 files without band descriptions: a preset "
         "(s2_13, eurosat, s2_l2a_12, deo), a list [B01,...,B8A] or a comma string B01,...,B8A "
@@ -63,6 +68,11 @@ class IngestConfig:
     rows_per_file: int = option(512, help="most tiles per Parquet shard file")
     use_ray: bool = option(True, help="run on Ray Data (false: a plain single-process loop)")
     summary: str = option("", help="where to write the summary JSON (empty: <output>/summary.json)")
+    ray_resources: dict[str, float] = option(
+        {}, help="custom Ray resources each ingest task requests, e.g. {deo_ingest: 1} so tasks run on "
+        "the CPU ingestion pool of cluster/*.yaml (docs/cluster.md); empty on a laptop. Checked against "
+        "the cluster's resources before the run unless an autoscaler can add nodes",
+    )
 
     def __post_init__(self) -> None:
         if self.s2_band_order:
@@ -79,6 +89,14 @@ class IngestConfig:
             raise ValueError("output must name a folder or URI")
         if self.s2_offset < 0:
             raise ValueError(f"s2_offset must be >= 0 (e.g. 1000), got {self.s2_offset}")
+        for k, v in self.ray_resources.items():
+            if k in ("CPU", "GPU", "memory", "object_store_memory") or not k:
+                raise ValueError(f"ray_resources.{k}: expected a custom resource name such as deo_ingest "
+                                 "(CPU, GPU and memory are not custom resources)")
+            if not float(v) > 0:
+                raise ValueError(f"ray_resources.{k} must be > 0, got {v}")
+        if self.ray_resources and not self.use_ray:
+            raise ValueError(f"ray_resources={self.ray_resources} needs use_ray=true (got use_ray=false)")
 
     def s2_band_order_tuple(self) -> tuple[str, ...] | None:
         """``s2_band_order`` parsed (None when empty)."""

@@ -5,6 +5,10 @@ subfolders count as one) and the prefix before the band token (``T32UPC_..._B02_
 ``SCL`` files join their scene as the cloud mask; ``TCI``, ``AOT``, ``WVP`` and previews are skipped.
 Raster files without a band token are stacked scenes. XML and JSON files next to a scene are its
 metadata sidecars (MTD XML, ``tileInfo.json``, STAC items).
+
+Sentinel-1 files are single-polarisation rasters named by the token ``VV`` or ``VH``
+(BigEarthNet-S1: ``<patch>_VV.tif``, ``<patch>_VH.tif``); the two files of a pair share a folder and
+the prefix before the token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ SIDECAR_EXTENSIONS: tuple[str, ...] = (".xml", ".json")
 _SCL = re.compile(r"(?<![A-Za-z0-9])SCL(?![A-Za-z0-9])", re.IGNORECASE)
 _AUX = re.compile(r"(?<![A-Za-z0-9])(TCI|AOT|WVP|PVI|preview)(?![A-Za-z0-9])", re.IGNORECASE)
 _RES_DIR = re.compile(r"/R\d+m$")
+_POL = re.compile(r"(?<![A-Za-z0-9])(VV|VH)(?![A-Za-z0-9])", re.IGNORECASE)
 
 
 @dataclass
@@ -30,11 +35,12 @@ class Source:
     """One discovered input: an S2 scene (per-band or stacked) or an aerial image."""
 
     kind: str
-    """``s2_bands`` (one file per band), ``s2_stacked`` or ``aerial``."""
+    """``s2_bands`` (one file per band), ``s2_stacked``, ``aerial`` or ``s1_pair`` (VV + VH files)."""
     uri: str
     """Scene id: the stacked/aerial file, or ``<folder>/<prefix>`` of a per-band scene."""
     files: dict[str, str] = field(default_factory=dict)
-    """Per-band scenes: band name (and ``SCL``) -> file URI. Others: ``{"image": uri}``."""
+    """Per-band scenes: band name (and ``SCL``) -> file URI; ``s1_pair``: ``VV``/``VH`` -> file URI.
+    Others: ``{"image": uri}``."""
     sidecars: list[str] = field(default_factory=list)
     """Metadata files beside the scene (MTD XML, tileInfo.json, STAC JSON)."""
 
@@ -164,3 +170,28 @@ def discover_aerial(entries: list[str]) -> tuple[list[Source], list[Skipped]]:
                 out.append(Source("aerial", uri, {"image": uri}))
     uniq = {s.uri: s for s in out}
     return [uniq[k] for k in sorted(uniq)], skipped
+
+
+def discover_sar(entries: list[str]) -> tuple[list[Source], list[Skipped]]:
+    """Sentinel-1 VV/VH pairs (grouped by folder and the prefix before the polarisation token), sorted.
+
+    A raster without a ``VV``/``VH`` token is skipped with the reason; a pair that lacks one
+    polarisation is still returned, and its probe fails naming the missing file.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    skipped: list[Skipped] = []
+    for entry in entries:
+        found, bad = expand(entry)
+        skipped.extend(bad)
+        for uri in found:
+            if _ext(uri) not in RASTER_EXTENSIONS:
+                continue
+            folder, name = uri.rsplit("/", 1) if "/" in uri else ("", uri)
+            m = _POL.search(os.path.splitext(name)[0])
+            if m is None:
+                skipped.append(Skipped(uri, "skipped", "no polarisation token VV or VH in the file name "
+                                       "(expected <patch>_VV.tif and <patch>_VH.tif)"))
+                continue
+            scene = f"{folder}/{name[: m.start()]}".rstrip("/_") or folder
+            groups.setdefault(scene, {}).setdefault(m.group(1).upper(), uri)
+    return [Source("s1_pair", k, dict(sorted(groups[k].items()))) for k in sorted(groups)], skipped

@@ -103,10 +103,11 @@ def read_product_info(scene_uri: str, sidecars: list[str], has_scl: bool, defaul
             if offset is None and isinstance(baseline, str) and re.fullmatch(r"\d{2}\.\d{2}", baseline):
                 offset = offset_for_baseline((int(baseline[:2]), int(baseline[3:])))
                 offset_from = "stac"
-            for k in ("s2:product_uri", "productName", "id"):
+            # BigEarthNet patch JSON: "tile_source" is the L1C product, "acquisition_date" the time
+            for k in ("s2:product_uri", "productName", "id", "tile_source"):
                 if isinstance(props.get(k), str):
                     names.append(props[k])
-            for k in ("datetime", "timestamp"):
+            for k in ("datetime", "timestamp", "acquisition_date"):
                 if time is None and isinstance(props.get(k), str):
                     time = _parse_time(props[k])
     if offset is None:

@@ -6,6 +6,11 @@ The same three steps run on Ray Data (:mod:`deo.ingest.ray_data`) or in a plain 
 Shard files are named by a hash of their content plan (the windows they hold and the content-relevant
 config), so a rerun writes the same files with the same sample_ids; jobs whose files are already
 complete are skipped (an interrupted run resumes) and files from other plans are removed.
+
+Failures partway: the rows of a window are written all or none. When a window of a scene fails,
+the scene's windows already read stay in the shards (a shard file is written once, never edited) and
+the manifest says so: status ``partial`` with the reason and ``tiles`` = exactly the scene's rows in
+the shards; ``failed`` means no row of it was written.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from typing import Any
 import pyarrow.parquet as pq
 
 import deo
-from deo.bands import DEO_BANDS, RGB_BANDS
+from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
 from deo.config import to_dict
 from deo.ingest.config import IngestConfig
-from deo.ingest.discover import Skipped, Source, discover_aerial, discover_s2
-from deo.ingest.scene import SourceError, pair_candidates, probe_aerial, probe_s2
+from deo.ingest.discover import Skipped, Source, discover_aerial, discover_s2, discover_sar
+from deo.ingest.scene import SourceError, pair_candidates, probe_aerial, probe_s2, probe_sar, sar_candidates
 from deo.ingest.stats import BandStats
 from deo.ingest.tiling import TileMaker, windows_of
 from deo.io import storage
@@ -38,7 +43,7 @@ from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema
 PARTS = "_parts"
 """Folder (inside the output) of per-job summaries; a job is complete when its summary exists."""
 
-_RUNTIME_KEYS = ("output", "use_ray", "strict", "summary")
+_RUNTIME_KEYS = ("output", "use_ray", "strict", "summary", "ray_resources")
 
 
 def content_hash(cfg: IngestConfig) -> str:
@@ -54,10 +59,11 @@ def config_hash(cfg: IngestConfig) -> str:
 
 # ------------------------------------------------------------------------------------ discovery
 def discover(cfg: IngestConfig) -> tuple[list[Source], list[Skipped]]:
-    """All S2 scenes and aerial images named by the config, and inputs that were skipped or missing."""
+    """All S2 scenes, aerial images and S1 pairs named by the config, and inputs skipped or missing."""
     scenes, skipped = discover_s2(list(cfg.s2))
     aerial, skipped_a = discover_aerial(list(cfg.aerial))
-    return scenes + aerial, skipped + skipped_a
+    sar, skipped_s = discover_sar(list(cfg.sar))
+    return scenes + aerial + sar, skipped + skipped_a + skipped_s
 
 
 def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[str, Any]:
@@ -66,6 +72,8 @@ def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict
     try:
         if src.kind == "aerial":
             return probe_aerial(src, cfg, cache)
+        if src.kind == "s1_pair":
+            return probe_sar(src, cfg, cache)
         return probe_s2(src, cfg, cache)
     except (SourceError, ValueError, OSError) as e:
         return {"kind": src.kind, "uri": src.uri, "key": src.key, "files": src.files, "error": str(e)}
@@ -78,7 +86,8 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     Each job becomes one shard file named ``part-<hash>.parquet`` after its windows and the content
     config, so the same inputs and config always give the same files.
     """
-    good = [p for p in plans if "error" not in p]
+    sars = [p for p in plans if "error" not in p and p["kind"] == "s1_pair"]
+    good = [p for p in plans if "error" not in p and p["kind"] != "s1_pair"]
     aerials = [p for p in good if p["kind"] == "aerial"]
     chash = content_hash(cfg)
     wt = cfg.tile.window_tiles
@@ -95,6 +104,7 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     count = 0  # tiles in the job being packed (before filtering)
     for p in good:
         pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
+        sar = sar_candidates(p, sars) if p["kind"] != "aerial" else []
         unit: dict[str, Any] | None = None
         for wx, wy in windows_of(p, wt):
             n = min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt)
@@ -102,7 +112,7 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
                 flush()
                 count, unit = 0, None
             if unit is None:
-                unit = {"plan": p, "windows": [], "pairs": pairs}
+                unit = {"plan": p, "windows": [], "pairs": pairs, "sars": sar}
                 units.append(unit)
             unit["windows"].append((wx, wy))
             count += n
@@ -124,7 +134,8 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
     """Read every window of a job, write its shard file, and return the job summary.
 
     Windows are read and written one at a time (bounded memory). A source whose window fails is
-    recorded with the reason and its remaining windows in this job are skipped; other sources go on.
+    recorded with the reason (its rows of earlier windows stay, counted in ``tiles``) and its
+    remaining windows in this job are skipped; other sources go on.
     """
     output = cfg.output.rstrip("/")
     done = _job_done(output, job["name"])
@@ -133,9 +144,11 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
         return done
     start = time.perf_counter()
     maker = TileMaker(cfg, cache)
-    schema = shard_schema(cfg.tile.ms_px, cfg.tile.optical_px)
+    schema = shard_schema(cfg.tile.ms_px, cfg.tile.optical_px, sar=bool(cfg.sar))
     sources: dict[str, dict[str, Any]] = {}
-    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "rejected_nodata": 0, "rejected_cloud": 0}
+    sar_tiles: dict[str, int] = {}
+    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "sar": 0, "rejected_nodata": 0,
+              "rejected_cloud": 0}
     tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
     tmp.close()
     writer: pq.ParquetWriter | None = None
@@ -148,7 +161,7 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
                 if rec["error"]:
                     break
                 try:
-                    rows, rejects = maker.window_rows(plan, wx, wy, unit["pairs"])
+                    rows, rejects = maker.window_rows(plan, wx, wy, unit["pairs"], unit.get("sars"))
                 except Exception as e:  # noqa: BLE001 - any read failure is recorded, the run goes on
                     rec["error"] = f"read failed at window ({wx}, {wy}): {type(e).__name__}: {e}"
                     continue
@@ -164,6 +177,9 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
                     counts["optical"] += r["optical"] is not None
                     counts["paired"] += (r["ms"] is not None and r["source_optical"] is not None
                                          and r["source_optical"] != r["source_ms"])
+                    if r.get("sar") is not None:
+                        counts["sar"] += 1
+                        sar_tiles[r["_sar_key"]] = sar_tiles.get(r["_sar_key"], 0) + 1
                 if writer is None:
                     writer = pq.ParquetWriter(tmp.name, schema, compression="zstd")
                 writer.write_table(rows_to_table(rows, schema))
@@ -180,8 +196,10 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
         "name": job["name"],
         **counts,
         "sources": sources,
+        "sar_tiles": sar_tiles,
         "ms_stats": maker.ms_stats.to_state(),
         "optical_stats": maker.optical_stats.to_state(),
+        "sar_stats": maker.sar_stats.to_state(),
         "seconds": time.perf_counter() - start,
         "resumed": False,
         # peak RSS of the process that ran the job (a Ray worker or the plain loop), for the benchmark
@@ -219,16 +237,20 @@ def _clean(v: Any) -> Any:
 def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list[Skipped],
                    summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest.json contents (DESIGN.md shard contract)."""
-    ms, opt = BandStats(len(DEO_BANDS)), BandStats(3)
-    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "rejected": 0, "rejected_nodata": 0,
+    ms, opt, sar = BandStats(len(DEO_BANDS)), BandStats(3), BandStats(len(SAR_BANDS))
+    counts = {"rows": 0, "ms": 0, "optical": 0, "paired": 0, "sar": 0, "rejected": 0, "rejected_nodata": 0,
               "rejected_cloud": 0}
     per_source: dict[str, dict[str, Any]] = {}
+    sar_tiles: dict[str, int] = {}
     files: list[str] = []
     for s in summaries:
         ms.merge(BandStats.from_state(s["ms_stats"]))
         opt.merge(BandStats.from_state(s["optical_stats"]))
-        for k in ("rows", "ms", "optical", "paired", "rejected_nodata", "rejected_cloud"):
+        sar.merge(BandStats.from_state(s["sar_stats"]))
+        for k in ("rows", "ms", "optical", "paired", "sar", "rejected_nodata", "rejected_cloud"):
             counts[k] += s[k]
+        for key, n in s["sar_tiles"].items():
+            sar_tiles[key] = sar_tiles.get(key, 0) + n
         if s["rows"]:
             files.append(s["name"] + ".parquet")
         for key, rec in s["sources"].items():
@@ -243,8 +265,20 @@ def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list
         agg = per_source.get(p["key"], {"tiles": 0, "rejected": 0, "error": None})
         if "error" in p:
             entry.update(status="failed", reason=p["error"], tiles=0)
+        elif p["kind"] == "s1_pair":
+            n = sar_tiles.get(p["key"], 0)
+            if n:
+                entry.update(status="ok", reason="", tiles=n)
+            else:
+                entry.update(status="skipped", tiles=0, reason=(
+                    f"covers no ingested MS tile: footprint {tuple(round(v, 1) for v in p['bounds'])} in "
+                    f"{_crs_name(p['grid']['crs'])} wholly contains no accepted MS tile"))
+        elif agg["error"] and agg["tiles"]:
+            entry.update(status="partial", tiles=agg["tiles"], reason=(
+                f"{agg['error']}; the {agg['tiles']} tiles of its windows read before the failure are in "
+                "the shards, its later windows are not"))
         elif agg["error"]:
-            entry.update(status="failed", reason=agg["error"], tiles=agg["tiles"])
+            entry.update(status="failed", reason=agg["error"], tiles=0)
         elif p["tiles_x"] * p["tiles_y"] == 0:
             w, h = p["grid"]["width"], p["grid"]["height"]
             entry.update(status="skipped", reason=f"smaller than one tile: {w}x{h} px < {p['tile_px']} px",
@@ -252,19 +286,24 @@ def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list
         else:
             entry.update(status="ok", reason="", tiles=agg["tiles"])
         entry["rejected"] = agg["rejected"]
-        if p["kind"] != "aerial" and "error" not in p:
+        if p["kind"] not in ("aerial", "s1_pair") and "error" not in p:
             entry.update(level=p["level"], offset=p["offset"], offset_from=p["offset_from"],
                          gsd=p["gsd"], time=p["time"])
         sources.append(entry)
     for s in skipped:
         sources.append({"uri": s.uri, "kind": "input", "files": [s.uri], "status": s.status,
                         "reason": s.reason, "tiles": 0, "rejected": 0})
+    bands = {"ms": list(DEO_BANDS), "optical": list(RGB_BANDS)}
+    stats = {"ms": ms.mean_std(), "optical": opt.mean_std()}
+    if cfg.sar:  # the shards have a `sar` column (VV, VH in dB; stats over its pixels, all valid)
+        bands["sar"] = list(SAR_BANDS)
+        stats["sar"] = sar.mean_std()
     return _clean({
         "schema_version": SCHEMA_VERSION,
-        "bands": {"ms": list(DEO_BANDS), "optical": list(RGB_BANDS)},
+        "bands": bands,
         "tile": {"ms_px": cfg.tile.ms_px, "optical_px": cfg.tile.optical_px},
         "counts": counts,
-        "stats": {"ms": ms.mean_std(), "optical": opt.mean_std()},
+        "stats": stats,
         "sources": sources,
         "files": sorted(files),
         "config": to_dict(cfg),
@@ -272,6 +311,12 @@ def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list
         "content_hash": content_hash(cfg),
         "package_version": deo.__version__,
     })
+
+
+def _crs_name(wkt: str) -> str:
+    from rasterio.crs import CRS
+
+    return CRS.from_wkt(wkt).to_string()
 
 
 def remove_stale(output: str, jobs: list[dict[str, Any]]) -> int:
@@ -318,9 +363,13 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
     """
     start = time.perf_counter()
     output = cfg.output.rstrip("/")
+    if cfg.use_ray:
+        from deo.ingest import ray_data
+
+        ray_data.prepare(cfg)  # fails here, before any work, when no node can run the ingest tasks
     sources, skipped = discover(cfg)
-    log(f"[ingest] {len(sources)} sources ({sum(s.kind != 'aerial' for s in sources)} S2 scenes), "
-        f"{len(skipped)} inputs skipped or missing")
+    log(f"[ingest] {len(sources)} sources ({sum(s.kind.startswith('s2') for s in sources)} S2 scenes, "
+        f"{sum(s.kind == 's1_pair' for s in sources)} S1 pairs), {len(skipped)} inputs skipped or missing")
     source_dicts = [asdict(s) for s in sources]
     if cfg.use_ray:
         from deo.ingest import ray_data
@@ -354,18 +403,22 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
     manifest = build_manifest(cfg, plans, skipped, summaries)
     storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=1))
     seconds = time.perf_counter() - start
-    failed = [s for s in manifest["sources"] if s["status"] == "failed"]
+    failed = [s for s in manifest["sources"] if s["status"] in ("failed", "partial")]
     summary = {
         "output": output,
         "manifest": storage.join(output, MANIFEST),
         "mode": "ray" if cfg.use_ray else "plain",
         "counts": manifest["counts"],
-        "sources": {st: sum(s["status"] == st for s in manifest["sources"]) for st in ("ok", "failed", "skipped")},
+        "sources": {st: sum(s["status"] == st for s in manifest["sources"])
+                    for st in ("ok", "partial", "failed", "skipped")},
         "failed": [{"uri": s["uri"], "reason": s["reason"]} for s in failed],
         "files": len(manifest["files"]),
         "seconds": round(seconds, 3),
         "tiles_per_s": round(manifest["counts"]["rows"] / max(seconds, 1e-9), 2),
         "config_hash": manifest["config_hash"],
+        # custom resources Ray assigned to the shard tasks (Ray mode): shows which pool ran them
+        "task_resources": {k: v for s in summaries for k, v in (s.get("task_resources") or {}).items()
+                           if k not in ("CPU", "GPU", "memory")},
     }
     storage.write_text(cfg.summary or storage.join(output, "summary.json"), json.dumps(summary, indent=1))
     return summary

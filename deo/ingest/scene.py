@@ -4,7 +4,8 @@ A probe reads headers and one pixel block per file (a truncated file fails here,
 image. The plan it returns is a plain dict so it travels between Ray tasks.
 
 Target grids: an S2 scene is tiled on the grid of its 10 m-native bands (B02 B03 B04 B08), whatever
-their actual GSD; an aerial image on a north-up grid at ``optical_gsd`` in its own CRS.
+their actual GSD; an aerial image on a north-up grid at ``optical_gsd`` in its own CRS. A Sentinel-1
+VV/VH pair is never tiled on its own: its crops are warped onto the grid of the MS tiles it covers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rasterio.io import DatasetReader
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from deo.bands import DEO_BANDS, S2_10M_BANDS, normalise_band_name
+from deo.bands import DEO_BANDS, S2_10M_BANDS, SAR_BANDS, normalise_band_name
 from deo.ingest.config import IngestConfig
 from deo.ingest.discover import Source
 from deo.ingest.metadata import read_product_info
@@ -172,6 +173,62 @@ def probe_aerial(source: Source, cfg: IngestConfig, cache: RasterCache) -> dict[
     }
 
 
+def probe_sar(source: Source, cfg: IngestConfig, cache: RasterCache) -> dict[str, Any]:
+    """Plan a Sentinel-1 pair: both polarisations readable, single-band, float dB, on one grid.
+
+    Raises:
+        SourceError: a polarisation file missing, unreadable/truncated, not georeferenced, with more
+            than one band, not floating point, or the two files on different grids.
+    """
+    missing = [p for p in SAR_BANDS if p not in source.files]
+    if missing:
+        raise SourceError(f"missing polarisation {','.join(missing)} for Sentinel-1 pair {source.uri}: found "
+                          f"{','.join(source.files.values())}, expected <patch>_VV and <patch>_VH files")
+    srcs = {}
+    for p in SAR_BANDS:
+        uri = source.files[p]
+        src = _open(cache, uri)
+        if src.count != 1:
+            raise SourceError(f"wrong band count: {uri} has {src.count} bands, expected 1 ({p})")
+        if not np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
+            raise SourceError(f"{uri} holds {src.dtypes[0]}; expected float32 backscatter in dB")
+        srcs[p] = src
+    vv, vh = srcs["VV"], srcs["VH"]
+    if vv.crs != vh.crs or not vv.transform.almost_equals(vh.transform) or vv.shape != vh.shape:
+        raise SourceError(f"VV and VH of {source.uri} are on different grids: {vv.crs} {tuple(vv.transform)[:6]} "
+                          f"{vv.shape} vs {vh.crs} {tuple(vh.transform)[:6]} {vh.shape}")
+    return {
+        "kind": "s1_pair",
+        "uri": source.uri,
+        "key": source.key,
+        "files": dict(source.files),
+        "nodata": {p: srcs[p].nodata for p in SAR_BANDS},
+        "grid": _grid(vv),
+        "gsd": float((abs(vv.transform.a) + abs(vv.transform.e)) / 2),
+        "bounds": tuple(vv.bounds),
+        "time": None,
+    }
+
+
+def sar_candidates(scene: dict[str, Any], sars: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sentinel-1 pairs whose footprint intersects the scene's, with their bounds in the scene's CRS."""
+    out = []
+    for s in _intersecting(scene, sars):
+        out.append({"uri": s["uri"], "key": s["key"], "files": s["files"], "nodata": s["nodata"],
+                    "bounds": s["bounds_in_scene"]})
+    return out
+
+
+def _intersecting(scene: dict[str, Any], others: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    l0, b0, r0, t0 = scene["bounds"]
+    out = []
+    for o in others:
+        left, bottom, right, top = footprint_in(o, scene["grid"]["crs"])
+        if left < r0 and right > l0 and bottom < t0 and top > b0:
+            out.append({**o, "bounds_in_scene": (left, bottom, right, top)})
+    return out
+
+
 def footprint_in(plan: dict[str, Any], crs_wkt: str) -> tuple[float, float, float, float]:
     """The plan's bounds in another CRS (densified edges, so curved reprojections stay inside)."""
     return tuple(transform_bounds(plan["grid"]["crs"], crs_wkt, *plan["bounds"], densify_pts=21))  # type: ignore[return-value]
@@ -179,11 +236,5 @@ def footprint_in(plan: dict[str, Any], crs_wkt: str) -> tuple[float, float, floa
 
 def pair_candidates(scene: dict[str, Any], aerials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Aerial images whose footprint intersects the scene's, with their bounds in the scene's CRS."""
-    l0, b0, r0, t0 = scene["bounds"]
-    out = []
-    for a in aerials:
-        left, bottom, right, top = footprint_in(a, scene["grid"]["crs"])
-        if left < r0 and right > l0 and bottom < t0 and top > b0:
-            out.append({"uri": a["uri"], "bounds": (left, bottom, right, top),
-                        "native_gsd": a["native_gsd"]})
-    return out
+    return [{"uri": a["uri"], "bounds": a["bounds_in_scene"], "native_gsd": a["native_gsd"]}
+            for a in _intersecting(scene, aerials)]

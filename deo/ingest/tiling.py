@@ -10,6 +10,11 @@ high probability) and 10 (thin cirrus). Bands on another grid than the 10 m band
 CRS) are resampled bilinearly through a WarpedVRT: bilinear keeps the radiometry of smooth fields
 without the overshoot of cubic kernels, and matches what sen2cor and most S2 stacks use.
 
+SAR (``sar`` inputs): an MS tile whose footprint a Sentinel-1 VV+VH pair covers gets both
+polarisations warped onto the tile's own grid (any CRS, bilinear in dB, as the MS 20 m bands). The
+``sar`` column has no nodata value, so a crop is attached only when every pixel of it is valid (inside
+the pair, finite, not the files' declared nodata); otherwise the row's ``sar`` is null.
+
 S2 true colour (``s2_optical``): ``uint8 = clip(round(ms[B04, B03, B02] * 255 / s2_optical_max), 0,
 255)``, a linear stretch of reflectance 0..``s2_optical_max``/10000 with no gamma.
 """
@@ -31,7 +36,7 @@ from rasterio.warp import reproject
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from deo.bands import DEO_BANDS, S2_TRUE_COLOUR
+from deo.bands import DEO_BANDS, S2_TRUE_COLOUR, SAR_BANDS
 from deo.ingest.config import IngestConfig
 from deo.ingest.stats import BandStats
 from deo.io.raster import RasterCache, same_grid
@@ -68,6 +73,7 @@ class TileMaker:
         self._vrts: dict[tuple[str, str, str], WarpedVRT] = {}
         self.ms_stats = BandStats(len(DEO_BANDS))
         self.optical_stats = BandStats(3)
+        self.sar_stats = BandStats(len(SAR_BANDS))
 
     def close(self) -> None:
         """Close the warped views (the datasets belong to the cache)."""
@@ -99,12 +105,23 @@ class TileMaker:
         return self._vrt(uri, grid, key, resampling, src_nodata).read(indexes, window=window), False
 
     # ---------------------------------------------------------------- Sentinel-2
-    def s2_window(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]]
-                  ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    def s2_window(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]],
+                  sars: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Rows of one window of an S2 scene and the rejects by reason.
 
+        Statistics are added only once the whole window succeeded, so they always describe exactly
+        the rows that are written.
+
+        Args:
+            plan: the scene's plan (:func:`deo.ingest.scene.probe_s2`).
+            wx: window column.
+            wy: window row.
+            pairs: aerial images overlapping the scene (:func:`deo.ingest.scene.pair_candidates`).
+            sars: Sentinel-1 pairs overlapping the scene (:func:`deo.ingest.scene.sar_candidates`).
+
         Returns:
-            Row dicts of the shard schema, and {"nodata": n, "cloud": n}.
+            Row dicts of the shard schema (rows with SAR also carry ``_sar_key``, the pair's source
+            key), and {"nodata": n, "cloud": n}.
         """
         cfg, px, wt = self.cfg, plan["tile_px"], self.cfg.tile.window_tiles
         tx0, ty0 = wx * wt, wy * wt
@@ -138,6 +155,7 @@ class TileMaker:
         crs_str = crs.to_string()
         rows: list[dict[str, Any]] = []
         rejects = {"nodata": 0, "cloud": 0}
+        ms_stats, opt_stats, sar_stats = BandStats(len(DEO_BANDS)), BandStats(3), BandStats(len(SAR_BANDS))
         for j in range(nty):
             for i in range(ntx):
                 sl = (slice(j * px, (j + 1) * px), slice(i * px, (i + 1) * px))
@@ -153,9 +171,12 @@ class TileMaker:
                 ttrans = transform @ Affine.translation(col, row)
                 bounds = (ttrans.c, ttrans.f + px * ttrans.e, ttrans.c + px * ttrans.a, ttrans.f)
                 optical, source_optical = self._optical_for(tile, ttrans, crs, bounds, pairs, plan["uri"])
-                self.ms_stats.update(tile, tvalid)
+                sar, sar_key = self._sar_for(ttrans, crs, bounds, sars or [], px)
+                ms_stats.update(tile, tvalid)
                 if optical is not None:
-                    self.optical_stats.update(optical)
+                    opt_stats.update(optical)
+                if sar is not None:
+                    sar_stats.update(sar)
                 lon, lat = _centre_lonlat(crs, bounds)
                 rows.append({
                     "sample_id": sample_id(plan["uri"], col, row, px, "s2"),
@@ -170,8 +191,42 @@ class TileMaker:
                     "time": time,
                     "source_ms": plan["uri"],
                     "source_optical": source_optical,
+                    "sar": sar,
+                    "_sar_key": sar_key,
                 })
+        self.ms_stats.merge(ms_stats)
+        self.optical_stats.merge(opt_stats)
+        self.sar_stats.merge(sar_stats)
         return rows, rejects
+
+    def _sar_for(self, ttrans: Affine, crs: CRS, bounds: tuple[float, ...], sars: list[dict[str, Any]],
+                 px: int) -> tuple[np.ndarray | None, str | None]:
+        """VV, VH float32 (2, px, px) in dB on the tile's grid from the first pair covering it, or None."""
+        left, bottom, right, top = bounds
+        for s in sars:
+            sl, sb, sr, st = s["bounds"]
+            if not (sl <= left and sb <= bottom and sr >= right and st >= top):
+                continue
+            out = np.empty((len(SAR_BANDS), px, px), dtype=np.float32)
+            ok = np.ones((px, px), dtype=bool)
+            for k, pol in enumerate(SAR_BANDS):
+                src: DatasetReader = self.cache.get(s["files"][pol])
+                window = _aligned_window(src, ttrans, crs, px)
+                if window is not None:  # the pair is on the MS grid (BigEarthNet): read, no resampling
+                    out[k] = src.read(1, window=window)
+                    ok &= src.read_masks(1, window=window) > 0
+                    continue
+                kw: dict[str, Any] = dict(crs=crs, transform=ttrans, width=px, height=px,
+                                          resampling=Resampling.bilinear, nodata=np.nan)
+                if s["nodata"][pol] is not None:
+                    kw["src_nodata"] = s["nodata"][pol]
+                with WarpedVRT(src, **kw) as vrt:
+                    out[k] = vrt.read(1)
+                    ok &= vrt.read_masks(1) > 0
+            ok &= np.isfinite(out).all(axis=0)
+            if ok.all():
+                return out, s["key"]
+        return None, None
 
     def _optical_for(self, tile: np.ndarray, ttrans: Affine, crs: CRS, bounds: tuple[float, ...],
                      pairs: list[dict[str, Any]], scene_uri: str) -> tuple[np.ndarray | None, str | None]:
@@ -252,19 +307,34 @@ class TileMaker:
                 })
         return rows, rejects
 
-    def window_rows(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]]
-                    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    def window_rows(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]],
+                    sars: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Rows of one window of any planned source."""
         if plan["kind"] == "aerial":
             return self.aerial_window(plan, wx, wy)
-        return self.s2_window(plan, wx, wy, pairs)
+        return self.s2_window(plan, wx, wy, pairs, sars)
 
 
-def iter_windows(maker: TileMaker, plan: dict[str, Any], pairs: list[dict[str, Any]]
+def iter_windows(maker: TileMaker, plan: dict[str, Any], pairs: list[dict[str, Any]],
+                 sars: list[dict[str, Any]] | None = None
                  ) -> Iterator[tuple[list[dict[str, Any]], dict[str, int]]]:
     """Every window of a plan, in order (used by tests and the plain loop)."""
     for wx, wy in windows_of(plan, maker.cfg.tile.window_tiles):
-        yield maker.window_rows(plan, wx, wy, pairs)
+        yield maker.window_rows(plan, wx, wy, pairs, sars)
+
+
+def _aligned_window(src: DatasetReader, ttrans: Affine, crs: CRS, px: int) -> Window | None:
+    """The window of ``src`` that is exactly the ``px`` x ``px`` tile at ``ttrans``, or None if the grids differ."""
+    st = src.transform
+    if src.crs != crs or not np.allclose([st.a, st.b, st.d, st.e], [ttrans.a, ttrans.b, ttrans.d, ttrans.e]):
+        return None
+    col, row = (ttrans.c - st.c) / st.a, (ttrans.f - st.f) / st.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    col, row = round(col), round(row)
+    if col < 0 or row < 0 or col + px > src.width or row + px > src.height:
+        return None
+    return Window(col, row, px, px)
 
 
 def _centre_lonlat(crs: CRS, bounds: tuple[float, ...]) -> tuple[float, float]:

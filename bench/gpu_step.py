@@ -43,10 +43,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from step_bench import REPO, TrainStep, summarise  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
+
+from step_bench import REPO, TrainStep, summarise  # noqa: E402
 
 H100_BF16_DENSE = 989e12
 """H100 SXM dense bf16 tensor-core peak, FLOP/s (no sparsity)."""

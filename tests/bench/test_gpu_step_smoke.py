@@ -9,9 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import gpu_step  # noqa: E402
-from step_bench import PHASES  # noqa: E402
 
 from deo.train.task import DEOTask  # noqa: E402
+
+from step_bench import PHASES  # noqa: E402
 
 
 @pytest.mark.slow

@@ -11,14 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from step_bench import PHASES, PhaseClock, TrainStep, shard_batches, summarise  # noqa: E402
-
 from deo.config import build_config  # noqa: E402
 from deo.data.loader import fill_true_colour  # noqa: E402
 from deo.data.multicrop import MultiCrop  # noqa: E402
 from deo.io.shards import ShardDataset  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.task import DEOTask  # noqa: E402
+
+from step_bench import PHASES, PhaseClock, TrainStep, shard_batches, summarise  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

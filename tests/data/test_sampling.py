@@ -36,8 +36,8 @@ def test_deterministic_and_epoch_dependent():
     a = lane_streams(units, 1, 0, 4, 2, [], 8)
     b = lane_streams(units, 1, 0, 4, 2, [], 8)
     c = lane_streams(units, 1, 1, 4, 2, [], 8)
-    assert all((x == y).all() for x, y in zip(a, b))
-    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a, c))
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("w_old,w_new", [(2, 2), (2, 4), (4, 1), (1, 2)])
@@ -82,7 +82,7 @@ def test_resume_with_the_same_world_size_continues_each_lane_exactly():
     units = make_units([12, 9, 15, 8, 14, 10])
     fresh = lane_streams(units, 2, 0, 8, 2, [], 16)
     resumed = lane_streams(units, 2, 0, 8, 2, [[2, 3]], 16)
-    for a, b in zip(fresh, resumed):
+    for a, b in zip(fresh, resumed, strict=True):
         assert (a[3 * 4:] == b).all()
 
 

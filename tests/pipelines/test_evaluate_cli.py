@@ -6,13 +6,14 @@ import io
 import json
 
 import torch
-from conftest import run_cli
 
 from deo.bands import DEO_BANDS
 from deo.config import to_dict
 from deo.io import storage
 from deo.models.student import build_student
 from deo.train.config import PretrainConfig
+
+from conftest import run_cli
 
 STATS = {"ms": {"mean": [1500.0] * 10, "std": [600.0] * 10}, "optical": {"mean": [100.0] * 3, "std": [50.0] * 3}}
 

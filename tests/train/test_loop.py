@@ -9,6 +9,7 @@ from deo.config import build_config, read_yaml
 from deo.train.config import PretrainConfig
 from deo.train.loop import train
 from deo.train.runtime import LocalRuntime
+
 from tests_helpers import REPO, metric_lines
 
 BASE = [

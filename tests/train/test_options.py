@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from tests_helpers import REPO, metric_lines
 
 from deo.config import build_config, load_config, read_yaml
 from deo.train.config import PretrainConfig
 from deo.train.loop import train
 from deo.train.runtime import LocalRuntime
+
+from tests_helpers import REPO, metric_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore:teacher.weights is empty")
 

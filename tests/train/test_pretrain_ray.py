@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from conftest import free_port, run_cli
 from deo.config import build_config, read_yaml
 from deo.train.config import PretrainConfig
+
+from conftest import free_port, run_cli
 from tests_helpers import REPO, metric_lines
 
 TINY = ["train.batch_size=8", "views.n_local=2", "run.log_every=1", "run.tensorboard=false",

@@ -13,6 +13,7 @@ import yaml
 from deo.config import build_config, read_yaml
 from deo.train.config import PretrainConfig
 from deo.tune.config import SweepConfig
+
 from tests_helpers import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

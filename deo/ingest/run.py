@@ -33,7 +33,14 @@ from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
 from deo.config import to_dict
 from deo.ingest.config import IngestConfig
 from deo.ingest.discover import Skipped, Source, discover_aerial, discover_s2, discover_sar
-from deo.ingest.scene import SourceError, pair_candidates, probe_aerial, probe_s2, probe_sar, sar_candidates
+from deo.ingest.scene import (
+    SourceError,
+    pair_candidates,
+    probe_aerial,
+    probe_s2,
+    probe_sar,
+    sar_candidates,
+)
 from deo.ingest.stats import BandStats
 from deo.ingest.tiling import TileMaker, windows_of
 from deo.io import storage

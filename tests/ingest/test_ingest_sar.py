@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from conftest import bigearthnet_pairs
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import calculate_default_transform, reproject
@@ -20,6 +19,8 @@ from deo.config import build_config, read_yaml
 from deo.ingest.config import IngestConfig
 from deo.ingest.run import ingest
 from deo.io.shards import ShardDataset
+
+from conftest import bigearthnet_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def rows_of(out: str) -> dict[str, dict]:
 def test_bigearthnet_from_s3_sar_column_manifest_and_rerun(tmp_path, shared_data, s3_server, s3_bucket):
     pairs = bigearthnet_pairs(shared_data)
     local = tmp_path / "in"
-    for s2, s1 in pairs[:5]:  # the 6th S1 pair's S2 patch is left out: that pair covers no MS tile
+    for s2, _ in pairs[:5]:  # the 6th S1 pair's S2 patch is left out: that pair covers no MS tile
         shutil.copytree(s2, local / "s2" / s2.name)
     for _, s1 in pairs:
         shutil.copytree(s1, local / "s1" / s1.name)

@@ -206,9 +206,14 @@ def bigearthnet_sar_shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """A real local Ray (2 CPUs, loopback only), shut down at the end of the session."""
+    """A real local Ray (2 CPUs, loopback only) for one test, then shut down.
+
+    Not session-wide: tests that start their own clusters (ray job submit, sweeps, fake multi-node)
+    must not run beside it, because Ray's state API (used by Ray Train's placement-group cleaner)
+    refuses to guess between several local instances and placement groups then leak.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -149,3 +149,17 @@ def test_losing_a_node_mid_run_resumes_from_the_checkpoint(sample_shards, tmp_pa
     steps = [x["step"] for x in metric_lines(tmp_path / "nodeloss")]
     assert steps == list(range(1, report["max_steps"] + 1))  # resumed: nothing repeated or skipped
     assert "resuming" in r.stdout and "at step" in r.stdout  # the worker group restarted from a checkpoint
+
+
+@pytest.mark.ray
+def test_rerun_with_another_number_of_workers_resumes_the_run(sample_shards, tmp_path):
+    common = ["pipelines/pretrain.py", f"data={sample_shards}", f"run.storage={tmp_path}", "run.name=rw",
+              "run.checkpoint_every=2", "scaling.cpus_per_worker=0.5", "run.export=false", *TINY]
+    first = run_cli([*common, "train.max_steps=4", "scaling.num_workers=1"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run_cli([*common, "train.max_steps=8", "scaling.num_workers=2"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout + second.stderr and "at step 4" in second.stdout + second.stderr
+    lines = metric_lines(tmp_path / "rw")
+    assert [x["step"] for x in lines] == list(range(1, 9))  # nothing repeated or skipped
+    assert all(x["epoch"] >= 0 for x in lines)

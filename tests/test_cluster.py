@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
 from deo.cluster import INGEST_RESOURCE, TRAIN_RESOURCE, check_file
+
+from conftest import REPO
 
 CLUSTER_FILES = sorted((REPO / "cluster").rglob("*.yaml"))
 LAUNCHERS = [REPO / "cluster" / n for n in ("aws.yaml", "gcp.yaml", "local-fake.yaml")]

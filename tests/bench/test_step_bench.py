@@ -21,14 +21,6 @@ from deo.train.task import DEOTask  # noqa: E402
 from step_bench import PHASES, PhaseClock, TrainStep, shard_batches, summarise  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_phase_clock_charges_intervals_to_the_closing_label():
     clock = PhaseClock(torch.device("cpu"))
     for _ in range(2):

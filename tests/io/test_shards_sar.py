@@ -3,9 +3,10 @@
 import numpy as np
 import pyarrow.parquet as pq
 import rasterio
-from conftest import BIGEARTHNET_TILE, SHARED_DATA, bigearthnet_pairs
 
 from deo.io.shards import ShardDataset, shard_schema
+
+from conftest import BIGEARTHNET_TILE, SHARED_DATA, bigearthnet_pairs
 
 
 def test_schema_without_sar_is_unchanged_and_with_sar_adds_a_float32_tensor():

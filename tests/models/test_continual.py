@@ -18,13 +18,6 @@ EUROSAT_TO_DEO = [1, 2, 3, 4, 5, 6, 7, 12, 10, 11]
 NO_OPTICAL = dict(alpha1=0.0, alpha2=0.0, alpha3=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(init_from="", sar=False, **loss):
     return PretrainConfig(

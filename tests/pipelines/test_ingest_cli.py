@@ -6,9 +6,10 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
 
 from deo.io.shards import ShardDataset
+
+from conftest import run_cli
 
 
 @pytest.mark.ray

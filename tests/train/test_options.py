@@ -21,13 +21,6 @@ FAST = ["train.batch_size=8", "views.n_local=2", "model.drop_path=0", "run.log_e
         "run.tensorboard=false", "train.warmup_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _leaves(d, prefix=""):
     for k, v in d.items():

@@ -45,14 +45,6 @@ def _cfg(**loss):
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the 2 CI cores are shared: intra-op threads oversubscribe them and a step gets 20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def views(shared_data):

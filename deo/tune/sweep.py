@@ -45,10 +45,12 @@ def _abs(uri: str) -> str:
 def base_config(sweep: SweepConfig) -> dict[str, Any]:
     """The trials' common pretraining config (base YAML <- sweep overrides) with local paths made
     absolute on the driver: Tune runs each trial in its own working directory."""
-    from deo.train.driver import absolute_paths
+    from deo.train.driver import absolute_paths, ensure_default_data, validate
 
     cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
                        source=sweep.pretrain_config)
+    ensure_default_data(cfg)  # the default sweep on a fresh clone: ingest the committed samples once
+    validate(cfg)  # fail here, naming the key, rather than in every trial
     return to_dict(absolute_paths(cfg))
 
 

@@ -68,7 +68,9 @@ def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, s
     assert cfg.loss.alpha1 == pytest.approx(float(top["loss.alpha1"]))  # ... with the best weights
     assert fs.cat(f"{root}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:  # stopped trials keep their checkpoints
-        assert fs.glob(f"{root}/trials/{row['trial']}/checkpoint_0*")
+        folder = f"{root}/trials/{row['trial']}"
+        listing = fs.ls(folder, refresh=True) if fs.exists(folder) else "(no run folder)"
+        assert fs.glob(f"{folder}/checkpoint_0*"), (row, listing)
 
 
 def test_a_failing_trial_is_recorded_and_the_others_finish(sample_shards, shared_data, tmp_path):

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,9 +294,3 @@ def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch
     if not cfg.teacher.weights and task.teacher is not None:
         state["optical_teacher"] = task.teacher.state_dict()
     return state
-
-
-def warn_relative_storage(uri: str) -> None:
-    """Relative run storage under ``ray job submit`` lands in Ray's temporary working dir."""
-    if "://" not in uri and not uri.startswith("/"):
-        warnings.warn(f"run.storage={uri!r} is relative to {storage.filesystem(uri)[1]}", stacklevel=2)

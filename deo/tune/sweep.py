@@ -132,7 +132,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_dict=_plain(sweep), base=base_config(sweep)),
+        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(sweep)),
         {"CPU": r.trainable_cpus},
     )
     space = to_tune_space(sweep.space)
@@ -156,12 +156,6 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         )
     grid = tuner.fit()
     return write_results(sweep, grid, sweep_uri)
-
-
-def _plain(sweep: SweepConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(sweep)
 
 
 def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:

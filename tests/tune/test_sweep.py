@@ -55,7 +55,9 @@ def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, s
     r = run_sweep_cli(path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "=== sweep results ===" in r.stdout
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    # a fresh client: fsspec's shared instance carries directory listings cached by earlier tests
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint}, skip_instance_cache=True)
+    fs.invalidate_cache()
     root = f"{s3_bucket.removeprefix('s3://')}/sweeps/asha"
     rows = read_rows(fs.cat(f"{root}/results.csv").decode())
     assert len(rows) == 4

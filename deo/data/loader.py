@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from deo.data.sampling import Stream
 from deo.io import storage
+from deo.io.shards import tensor_column_to_numpy
 
 COLUMNS = ("sample_id", "ms", "optical", "ms_gsd", "optical_gsd")
 
@@ -52,18 +52,6 @@ def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch
                                               align_corners=False)
     rgb = rgb.round().clamp(0, 255).to(torch.uint8)
     return torch.where(has_optical.view(-1, 1, 1, 1), optical, rgb)
-
-
-def tensor_column(col: pa.ChunkedArray | pa.Array, n: int, shape: tuple[int, ...], dtype: np.dtype
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """A nullable fixed_shape_tensor column as (N, *shape) array (zeros where null) and a validity mask."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    out = np.zeros((n, *shape), dtype=dtype)
-    if valid.any():
-        present = arr.filter(pa.array(valid)) if not valid.all() else arr
-        out[valid] = present.to_numpy_ndarray()
-    return out, valid
 
 
 @dataclass
@@ -140,9 +128,9 @@ class _RowGroupCache:
         sar = self.index.sar_shape is not None
         t = self.files[f].read_row_group(rg, columns=[*COLUMNS, "sar"] if sar else list(COLUMNS))
         n = t.num_rows
-        ms, _ = tensor_column(t.column("ms"), n, self.index.ms_shape, np.uint16)
+        ms, _ = tensor_column_to_numpy(t.column("ms"))
         if self.index.optical_shape is not None:
-            opt, has_opt = tensor_column(t.column("optical"), n, self.index.optical_shape, np.uint8)
+            opt, has_opt = tensor_column_to_numpy(t.column("optical"))
         else:
             opt, has_opt = np.zeros((n, 3, *self.index.ms_shape[1:]), np.uint8), np.zeros(n, bool)
         ids = t.column("sample_id").to_pylist()
@@ -155,7 +143,7 @@ class _RowGroupCache:
             "sample_id": np.array(ids, dtype=object),
         }
         if sar:
-            decoded["sar"] = tensor_column(t.column("sar"), n, self.index.sar_shape, np.float32)[0]
+            decoded["sar"] = tensor_column_to_numpy(t.column("sar"))[0]
         self.cache[key] = decoded
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)

@@ -21,16 +21,13 @@ The latest checkpoint of a run folder is the ``checkpoint_<digits>`` folder with
 from __future__ import annotations
 
 import hashlib
-import io
-import re
 from typing import Any
 
 import torch
 
 from deo.io import storage
+from deo.train.checkpoint import STATE_FILE, latest_checkpoint, load_state
 
-STATE_FILE = "state.pt"
-_CKPT = re.compile(r"checkpoint_(\d+)$")
 DEFAULT_GSD: dict[str, float] = {"ms": 10.0}
 
 
@@ -57,21 +54,15 @@ def resolve_checkpoint(uri: str) -> str:
     uri = uri.rstrip("/")
     if storage.exists(storage.join(uri, STATE_FILE)):
         return uri
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
+    if not storage.exists(uri):
         raise FileNotFoundError(f"checkpoint {uri} not found")
-    best: tuple[int, str] | None = None
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        m = _CKPT.match(name)
-        if m and fs.exists(entry.rstrip("/") + "/" + STATE_FILE) and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), storage.join(uri, name))
-    if best is None:
+    latest = latest_checkpoint(uri)
+    if latest is None:
         raise FileNotFoundError(
             f"{uri} holds no checkpoint: expected a run folder with checkpoint_<step>/{STATE_FILE}, "
             "a checkpoint_* folder, or a .safetensors export"
         )
-    return best[1]
+    return latest
 
 
 def _run_manifest(checkpoint_dir: str) -> dict[str, Any]:
@@ -94,12 +85,6 @@ def build_student_from_config(cfg: dict[str, Any]) -> torch.nn.Module:
     model = {**cfg["model"], "rgb_weights": "", "init_from": ""}
     img_size = int(cfg.get("views", {}).get("global_size", 224))
     return build_student(ModelConfig(**model), img_size=img_size)
-
-
-def load_state(checkpoint_dir: str) -> dict[str, Any]:
-    """The ``state.pt`` dict of a ``checkpoint_*`` folder (local or URI)."""
-    data = storage.read_bytes(storage.join(checkpoint_dir, STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:

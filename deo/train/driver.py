@@ -67,6 +67,7 @@ def ensure_default_data(cfg: PretrainConfig) -> None:
     from deo.ingest.run import ingest
 
     print(f"{cfg.data} not found: ingesting the committed samples first", flush=True)
+    _init_ray(cfg)  # ours, before the ingest's own: so the workers' logs reach this driver
     ingest(build_config(IngestConfig, overrides=[f"output={cfg.data}"]))
 
 
@@ -120,8 +121,6 @@ def _init_ray(cfg: PretrainConfig) -> None:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Validate, then train with Ray Train (resuming a run of the same name), and summarise."""
-    if cfg.data == DEFAULT_DATA and not storage.exists(storage.join(cfg.data, "manifest.json")):
-        _init_ray(cfg)  # before the ingest, so worker logs reach this driver
     ensure_default_data(cfg)
     validate(cfg)
     cfg = absolute_paths(cfg)

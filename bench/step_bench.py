@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.data.loader import fill_true_colour  # noqa: E402
 from deo.data.multicrop import MultiCrop  # noqa: E402
+from deo.train import parallel  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.loop import autocast_dtype, build_optimizer, configure_student  # noqa: E402
 from deo.train.schedules import Schedules  # noqa: E402
@@ -97,11 +98,12 @@ class TrainStep:
         cfg: the pretraining config (student, teacher, views, train.compile / activation_checkpointing).
         device: where everything runs.
         stats: the manifest's band stats (for :class:`MultiCrop`).
-        check_finite: the task's per-step finiteness check (the training loop keeps the default, True).
+        check_finite: the task's per-step finiteness check (one host sync per step). The training loop
+            leaves it off and checks the summed terms at logging and checkpoint steps instead.
     """
 
     def __init__(self, cfg: PretrainConfig, device: torch.device, stats: dict[str, Any],
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = False, strategy: str = "") -> None:
         """Build task, augmentation, optimizer and schedules exactly as the training loop does."""
         if cfg.train.grad_accum != 1 or cfg.train.precision == "fp16":
             raise ValueError(
@@ -110,7 +112,9 @@ class TrainStep:
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.device = cfg, device
         self.task = DEOTask(cfg, device=device, check_finite=check_finite)
-        configure_student(self.task.trainable.student, cfg)
+        configure_student(self.task.trainable.student, cfg, ema_student=self.task.ema.module.student)
+        if strategy:
+            parallel.distribute(self.task, strategy, device)
         self.augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.task.trainable, cfg, device)
         self.amp = autocast_dtype(cfg.train.precision, device)

@@ -81,6 +81,13 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP-sharded parameter), else ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def all_gather_object(obj: object) -> list[object]:
     """Gather a picklable object from every rank (list indexed by rank)."""
     if not is_distributed():

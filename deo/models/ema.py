@@ -7,15 +7,18 @@ import copy
 import torch
 from torch import nn
 
+from deo.dist import local_tensor
+
 
 class EMATeacher(nn.Module):
     """Exponential moving average of a module, updated with ``torch._foreach_lerp_``.
 
     teacher <- m * teacher + (1 - m) * student for float parameters and buffers; other buffers are
-    copied. As in timm's ``ModelEmaV3``, the result depends on the order of init, device move and DDP
-    wrapping: build the EMA from the UNWRAPPED student AFTER moving it to its device and BEFORE the
-    first optimizer step, and always update from the unwrapped module (``ddp.module``), never from
-    a DDP wrapper (whose parameter names differ).
+    copied. FSDP-sharded teacher and student (same units, :mod:`deo.train.parallel`) lerp their local
+    shards, with no communication. As in timm's ``ModelEmaV3``, the result depends on the order of
+    init, device move and DDP wrapping: build the EMA from the UNWRAPPED student AFTER moving it to
+    its device and BEFORE the first optimizer step, and always update from the unwrapped module
+    (``ddp.module``), never from a DDP wrapper (whose parameter names differ).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -40,8 +43,8 @@ class EMATeacher(nn.Module):
                 raise ValueError(
                     f"EMA and model parameters differ: {name!r} vs {name_s!r} (pass the unwrapped model)"
                 )
-            ema_p.append(e)
-            src_p.append(s.detach())
+            ema_p.append(local_tensor(e))
+            src_p.append(local_tensor(s.detach()))
         ema_b, src_b = [], []
         for e, s in zip(self.module.buffers(), model.buffers(), strict=True):
             if e.is_floating_point():

@@ -12,18 +12,24 @@ Swin-T with window 7: global 224 px -> stage grids 56/28/14/7, windows 7/7/7/7 (
 grids 24/12/6/3, windows 6/6/6/3 (no padding). Tiny (window 8): 64 px -> 16/8/4/2, windows 8/8/4/2;
 32 px -> 8/4/2/1, windows 8/4/2/1. A grid with no divisor >= half the window (a prime, say) falls back to
 timm's padding with the built window.
+
+Every block's stochastic depth is a :class:`StochasticDepth` whose rate is a buffer, not a Python float:
+regional compilation (``train.compile``) then compiles one graph per (stage, shift, input shape) that all
+blocks of that kind share, instead of one per block (timm's per-block rates are compile-time constants).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
     window_partition,
     window_reverse,
 )
+from torch import nn
 
 
 def effective_window(grid: int, window: int) -> int:
@@ -121,11 +127,47 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         return x.contiguous()
 
 
+class StochasticDepth(nn.Module):
+    """timm's ``DropPath`` (per-sample residual drop, survivors scaled by 1/keep) with its rate in a buffer.
+
+    Non-persistent: state dicts and checkpoints are those of timm's Swin. A rate of 0 is the identity
+    (``active`` is a bool, so it splits compiled graphs only into "drops" and "never drops").
+    """
+
+    rate: torch.Tensor
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+        self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
+        self.active = rate > 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (B, ...): in training, each sample's branch is zeroed with probability ``rate``."""
+        if not (self.training and self.active):
+            return x
+        keep = 1.0 - self.rate.to(x.dtype)
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) < keep
+        return x * (mask.to(x.dtype) / keep)
+
+
+def _rate(module: nn.Module) -> float:
+    if isinstance(module, DropPath):
+        return float(module.drop_prob)
+    if isinstance(module, nn.Identity):
+        return 0.0
+    raise ValueError(f"expected timm DropPath or Identity as drop path, got {type(module).__name__}")
+
+
 def make_windows_adaptive(model: SwinTransformer) -> SwinTransformer:
-    """Turn every block of a timm Swin into an :class:`AdaptiveWindowBlock` in place (same parameters)."""
+    """Turn every block of a timm Swin into an :class:`AdaptiveWindowBlock` in place (same parameters),
+    with :class:`StochasticDepth` at the rates timm gave each block."""
     for stage in model.layers:
         for block in stage.blocks:
             if not isinstance(block, SwinTransformerBlock):
                 raise ValueError(f"expected timm SwinTransformerBlock, got {type(block).__name__}")
             block.__class__ = AdaptiveWindowBlock
+            block.drop_path1 = StochasticDepth(_rate(block.drop_path1))
+            block.drop_path2 = StochasticDepth(_rate(block.drop_path2))
     return model

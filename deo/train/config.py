@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from deo.config import nested, option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -83,11 +84,18 @@ class ScalingConfig:
         {}, help="extra custom resources per worker, e.g. {deo_train: 1} so training lands on the GPU pool"
     )
     max_failures: int = option(3, help="restarts of the worker group after a lost worker or node")
+    strategy: str = option(
+        "ddp",
+        help="ddp: replicate the student on every worker; fsdp: shard its weights, gradients and AdamW "
+        "state over the workers (FSDP2; memory mode for big students, see docs/memory.md)",
+    )
     address: str = option("", help="Ray address (empty: the job's cluster or a new local Ray)")
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"scaling.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
 
 @dataclass

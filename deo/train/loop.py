@@ -9,7 +9,6 @@ Host syncs (``.item()``) happen only at logging and checkpoint steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -25,6 +24,7 @@ from deo.data.sampling import DataPosition, batches_left, lane_streams
 from deo.io import storage
 from deo.io.shards import ShardDataset
 from deo.train import checkpoint as ckpt
+from deo.train import parallel
 from deo.train.config import PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
@@ -68,11 +68,14 @@ def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: tor
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
 
 
-def configure_student(student: torch.nn.Module, cfg: PretrainConfig) -> None:
+def configure_student(student: torch.nn.Module, cfg: PretrainConfig, backend: str = "inductor",
+                      ema_student: torch.nn.Module | None = None) -> None:
     """Memory mode (activation checkpointing) and regional compilation of the Swin blocks.
 
-    Compiling block by block compiles a handful of distinct graphs in seconds, where compiling the whole
-    student did not finish its first step in minutes (issue 10).
+    Compiling block by block compiles a handful of distinct graphs, where compiling the whole student
+    did not finish its first step in minutes (issue 10). Blocks of one stage and shift share their
+    graphs (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop size for any Swin depth. The
+    EMA teacher's blocks (``ema_student``) are compiled too: their no-grad graphs are forward only.
     """
     from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -81,25 +84,22 @@ def configure_student(student: torch.nn.Module, cfg: PretrainConfig) -> None:
     if cfg.train.compile:
         import torch._dynamo
 
-        # every Swin block guards on its own drop-path rate: with Dynamo's default limit of 8 graphs the
-        # later blocks would silently stay eager
+        # (stage, shift, crop size, grad mode) graphs: above Dynamo's default limit of 8 per code object
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in student.modules():
-            if isinstance(block, SwinTransformerBlock):
-                block.compile(dynamic=False)
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
+        for module in (student, ema_student):
+            for block in module.modules() if module is not None else ():
+                if isinstance(block, SwinTransformerBlock):
+                    block.compile(backend=backend, dynamic=False)
 
 
 def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     """Run (or resume) pretraining until ``train.max_steps``; rank 0 writes the run folder.
 
     Raises:
-        FloatingPointError: a loss term is NaN/Inf (names the term, step and rank).
+        FloatingPointError: a loss term is NaN/Inf (names the term and the steps it averaged).
     """
     from deo.data.multicrop import MultiCrop
+    from deo.models.student import build_student
     from deo.train.task import DEOTask
 
     device = runtime.device
@@ -117,12 +117,16 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     stats = shards.stats
     index = ShardIndex.build(cfg.data, shards.files, with_sar=cfg.model.sar)
 
-    # Identical init on every rank (DDP also broadcasts, the EMA teacher and frozen teacher are not wrapped).
+    # Identical init on every rank (DDP also broadcasts; FSDP shards each rank's identical copy).
     torch.manual_seed(cfg.train.seed)
-    task = DEOTask(cfg, device=device)
-    configure_student(_unwrap(task.trainable).student, cfg)
+    # finiteness is checked on the window's summed terms at logging and checkpoint steps, not per step:
+    # a per-step check is a host sync (2 % of an H100 step, bench/RESULTS.md)
+    task = DEOTask(cfg, device=device, check_finite=False)
+    configure_student(task.trainable.student, cfg, ema_student=task.ema.module.student)
+    parallel.distribute(task, cfg.scaling.strategy, device)
+    whole = parallel.WholeStudent(lambda: build_student(cfg.model, cfg.views.global_size).to(device))
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
-    optimizer = build_optimizer(task.trainable, cfg, device)
+    optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedules = Schedules.from_config(cfg.train)
@@ -130,16 +134,15 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     step, position = 0, DataPosition()
     state = runtime.restore()
     if state is not None:
-        _unwrap(task.trainable).load_state_dict(state["trainable"])
-        task.ema.load_state_dict(state["ema"])
+        parallel.load_full_state_dict(task.trainable, state["trainable"])
+        parallel.load_full_state_dict(task.ema, state["ema"])
         if "optical_teacher" in state and task.teacher is not None:
             task.teacher.load_state_dict(state["optical_teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(task.trainable, optimizer, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         position = DataPosition.from_dict(state["data_position"])
         ckpt.set_rng_state(state["rng"])
-    task.trainable = runtime.wrap(task.trainable)
     start_step = step
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
@@ -192,10 +195,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                 views = augment(batch["ms"][part], optical[part], ids[part], position.epoch,
                                 batch["ms_gsd"][part],
                                 sar=batch["sar"][part] if cfg.model.sar else None)
-                sync = contextlib.nullcontext()
-                if m < cfg.train.grad_accum - 1 and hasattr(task.trainable, "no_sync"):
-                    sync = task.trainable.no_sync()
-                with sync:
+                with parallel.no_grad_sync(task.trainable, skip=m < cfg.train.grad_accum - 1):
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                         enabled=amp_dtype is not None):
                         losses = task(views, step)
@@ -215,12 +215,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             position.advance(world, B)
 
             if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
-                names = sorted(sums)
-                vec = dist.all_reduce_mean(torch.stack([sums[k] for k in names]) / window_steps)
-                last = {k: float(v) for k, v in zip(names, vec.tolist(), strict=True)}
-                bad = [k for k, v in last.items() if not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(f"loss terms {bad} not finite at step {step} (rank {rank}): {last}")
+                last = _window_means(sums, window_steps, step)
                 elapsed = time.perf_counter() - window_start
                 images_per_s = window_steps * B / max(elapsed, 1e-9)
                 wait_frac = float(dist.all_reduce_mean(torch.tensor(window_wait / max(elapsed, 1e-9))))
@@ -236,10 +231,10 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                         and not (cfg.probe.every and step % cfg.probe.every == 0):
                     runtime.report({**record, **probe_metrics})
 
-            if probe is not None and (step % cfg.probe.every == 0 or step == cfg.train.max_steps):
-                # rank 0 only (no collectives inside); the other ranks wait at the next collective
-                student = _unwrap(task.trainable).student
-                probe_metrics = probe(student, device)
+            if cfg.probe.every and (step % cfg.probe.every == 0 or step == cfg.train.max_steps):
+                student = whole(task)  # a collective under FSDP: every rank gathers
+                if probe is not None:  # rank 0 only; the other ranks wait at the next collective
+                    probe_metrics = probe(student, device)
                 if log is not None:
                     log.log_probe({"step": step, **probe_metrics})
                     print(f"step {step} probe: " + " ".join(f"{k}={v:.4f}" for k, v in
@@ -248,8 +243,10 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                     and step != cfg.train.max_steps:
                 runtime.report({"step": step, "epoch": position.epoch, **last, **probe_metrics})
             if step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps:
+                if sums:  # steps since the last logging step: never checkpoint non-finite weights
+                    _window_means(sums, window_steps, step)
                 state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,
-                                              shards.manifest["bands"]) if main else None
+                                              shards.manifest["bands"])
                 if log is not None:
                     log.flush()
                 runtime.save(state_out, {"step": step, "epoch": position.epoch, **last, **probe_metrics},
@@ -260,13 +257,13 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     seconds = time.perf_counter() - started
     summary = TrainSummary(run_uri, step, start_step, last, images_per_s,
                            total_wait / max(seconds, 1e-9), seconds)
+    final_student = whole(task) if cfg.run.export else None  # collective under FSDP
     if main:
-        if cfg.run.export:
+        if final_student is not None:
             from deo.export import export_backbone
 
             summary.backbone = storage.join(run_uri, "backbone.safetensors")
-            export_backbone(_unwrap(task.trainable).student, cfg, stats, shards.manifest["bands"], summary.backbone,
-                            step=step)
+            export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step)
         if log is not None:
             log.close()
         storage.write_text(storage.join(run_uri, "summary.json"),
@@ -274,15 +271,38 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     return summary
 
 
+def _window_means(sums: dict[str, torch.Tensor], steps: int, step: int) -> dict[str, float]:
+    """Mean of each loss term over the window's ``steps`` and all ranks (one host sync).
+
+    Raises:
+        FloatingPointError: a term is NaN/Inf in some step of the window, on some rank.
+    """
+    names = sorted(sums)
+    vec = dist.all_reduce_mean(torch.stack([sums[k] for k in names]) / steps)
+    means = {k: float(v) for k, v in zip(names, vec.tolist(), strict=True)}
+    bad = [f"{k}={v}" for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"loss terms not finite in steps {step - steps + 1}..{step}: {', '.join(bad)} "
+            "(means over those steps and all ranks)"
+        )
+    return means
+
+
 def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                       step: int, position: DataPosition, cfg: PretrainConfig, stats: dict,
-                      bands: Any) -> dict[str, Any]:
-    trainable = _unwrap(task.trainable)
+                      bands: Any) -> dict[str, Any] | None:
+    """The checkpoint of this step on rank 0 (None elsewhere); every rank must call it (FSDP gathers)."""
+    trainable = parallel.full_state_dict(task.trainable)
+    ema = parallel.full_state_dict(task.ema)
+    optim = parallel.full_optimizer_state(task.trainable, optimizer)
+    if not dist.is_main_process():
+        return None
     state = {
-        "student": trainable.student.state_dict(),
-        "trainable": trainable.state_dict(),
-        "ema": task.ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "student": {k.removeprefix("student."): v for k, v in trainable.items() if k.startswith("student.")},
+        "trainable": trainable,
+        "ema": ema,
+        "optimizer": optim,
         "scaler": scaler.state_dict(),
         "step": step,
         "data_position": position.to_dict(),

@@ -15,7 +15,6 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-import torch
 
 from deo.config import build_config, to_dict
 from deo.train import checkpoint as ckpt
@@ -38,11 +37,6 @@ class RayRuntime:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.world_size == 1:
-            return module
-        return ray.train.torch.prepare_model(module, move_to_device=False)
 
     def restore(self) -> dict[str, Any] | None:
         """Ray's latest registered checkpoint, else the newest readable one in the run folder.

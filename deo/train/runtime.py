@@ -1,9 +1,9 @@
 """Where the training loop runs: the seam between the plain loop and its launcher.
 
-The loop (:mod:`deo.train.loop`) needs a rank, a device, a way to wrap the trainable module for data
-parallelism, and a way to save/restore checkpoints and report metrics. :class:`LocalRuntime` does this
-in one process (the benchmark baseline and the GPU machine, which has no Ray); the Ray Train runtime
-lives in :mod:`deo.train.ray_glue`.
+The loop (:mod:`deo.train.loop`) needs a rank, a device, and a way to save/restore checkpoints and
+report metrics; data parallelism over the process group the launcher set up is
+:mod:`deo.train.parallel`'s. :class:`LocalRuntime` does this in one process (the benchmark baseline
+and the GPU machine, which has no Ray); the Ray Train runtime lives in :mod:`deo.train.ray_glue`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ class Runtime(Protocol):
     rank: int
     world_size: int
     device: torch.device
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Wrap the trainable module for data parallelism (identity in one process)."""
-        ...
 
     def restore(self) -> dict[str, Any] | None:
         """The latest checkpoint's state, or None for a fresh run."""
@@ -60,12 +56,6 @@ class LocalRuntime:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or default_device()
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        if not dist.is_distributed():
-            return module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def restore(self) -> dict[str, Any] | None:
         return ckpt.newest_readable_state(self.run_uri)

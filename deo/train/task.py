@@ -27,8 +27,22 @@ from deo.models.ema import EMATeacher
 from deo.models.heads import MLPHead
 from deo.models.student import DEOStudent, build_student
 
-MS_BRANCH = ("student", "head_ms")
-"""Submodules of :class:`DEOTrainable` averaged into the EMA teacher."""
+
+class MSBranch(nn.Module):
+    """The student and ``head_ms`` of a :class:`DEOTrainable`: the structure the EMA teacher averages.
+
+    It shares (not copies) the trainable's modules; the EMA deep-copies it. Its forward is the
+    teacher's MS embedding, so a sharded EMA (FSDP) runs through one root module.
+    """
+
+    def __init__(self, student: DEOStudent, head_ms: MLPHead) -> None:
+        super().__init__()
+        self.student = student
+        self.head_ms = head_ms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 10, S, S) MS views -> (N, d) normalised embeddings of the pooled final tokens."""
+        return self.head_ms(self.student.forward_features(x, "ms").mean(dim=(1, 2)))
 
 
 def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -208,10 +222,10 @@ class DEOTask(nn.Module):
         self.check_finite_every_step = check_finite
 
     @staticmethod
-    def _ms_branch(trainable: nn.Module) -> nn.ModuleDict:
-        """The (unwrapped) student and head_ms as one module, the structure the EMA averages."""
-        t = getattr(trainable, "module", trainable)  # DDP wrapper -> module
-        return nn.ModuleDict({k: getattr(t, k) for k in MS_BRANCH})
+    def _ms_branch(trainable: nn.Module) -> MSBranch:
+        """The (unwrapped) trainable's student and head_ms, the structure the EMA averages."""
+        t = _unwrap_trainable(trainable)
+        return MSBranch(t.student, t.head_ms)
 
     def train(self, mode: bool = True) -> DEOTask:
         """Set train mode on the trainable part; teachers stay in eval."""
@@ -237,9 +251,7 @@ class DEOTask(nn.Module):
         """
         g = views["ms_global"]
         vg, b = g.shape[:2]
-        ms = self.ema.module
-        tok = ms["student"].forward_features(g.flatten(0, 1), "ms")
-        out = {"t_ms": ms["head_ms"](tok.mean(dim=(1, 2))).view(vg, b, -1)}
+        out = {"t_ms": self.ema(g.flatten(0, 1)).view(vg, b, -1)}
         if self.teacher is not None:
             cls, (mid, fin) = self.teacher(views["opt_global"].flatten(0, 1))
             out["t_cls"] = cls.view(vg, b, -1)

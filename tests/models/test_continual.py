@@ -93,7 +93,7 @@ def test_timm_checkpoint_loads_stages_and_rgb_embed(tmp_path, fmt):
     assert torch.allclose(own["embeds.ms.proj.weight"][:, 5], w.mean(1) * 0.3)
     # student == F == EMA student at the start
     assert _states_equal(student, task.domain_teacher)
-    assert _states_equal(student, task.ema.module["student"])
+    assert _states_equal(student, task.ema.module.student)
 
 
 def test_deo_export_loads_exactly_and_new_sar_embed_keeps_init(tmp_path):

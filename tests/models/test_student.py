@@ -87,3 +87,58 @@ def test_paper_config_parameter_count():
     assert 86e6 < backbone < 88.5e6
     tiny = sum(p.numel() for p in build_student(ModelConfig(), 64).swin.parameters())
     assert 2e6 < tiny < 5e6
+
+
+def test_stochastic_depth_drops_whole_samples_at_timm_rates():
+    from timm.layers import DropPath
+
+    from deo.models.swin_window import StochasticDepth
+
+    s = build_swin("swin_tiny_patch4_window7_224", 224, drop_path=0.2)
+    rates = [float(b.drop_path1.rate) for stage in s.layers for b in stage.blocks]
+    timm_rates = [b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0
+                  for stage in build_swin_timm(0.2).layers for b in stage.blocks]
+    assert rates == pytest.approx(timm_rates) and rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert not any("rate" in k for k in s.state_dict())  # checkpoints stay timm's
+
+    sd = StochasticDepth(0.25).train()
+    torch.manual_seed(0)
+    y = sd(torch.ones(20000, 3, 2))
+    per_sample = y.flatten(1)
+    values = per_sample.unique()  # a sample is dropped whole or scaled by 1/keep
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.75)
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.015)
+    x = torch.randn(4, 3)
+    assert torch.equal(sd.eval()(x), x) and torch.equal(StochasticDepth(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        StochasticDepth(1.0)
+
+
+def build_swin_timm(rate):
+    import timm
+
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, drop_path_rate=rate)
+
+
+def test_compiled_blocks_of_a_stage_share_graphs():
+    """Regional compilation: one graph per (stage, shift, crop size), not one per block."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from deo.train.config import PretrainConfig
+    from deo.train.loop import configure_student
+
+    torch._dynamo.reset()
+    counters.clear()
+    s = build_student(ModelConfig(student="swin_tiny_patch4_window7_224", drop_path=0.1), img_size=64).train()
+    cfg = PretrainConfig()
+    cfg.train.compile = True
+    configure_student(s, cfg, backend="eager")
+    for size in (64, 32):
+        s.pooled(torch.randn(2, 10, size, size), "ms").sum().backward()
+    blocks = sum(len(stage.blocks) for stage in s.swin.layers)
+    # per crop size: 4 stages x (even, odd shift) blocks = 8 graphs, whatever the depth (a graph per
+    # block would be 12 per size here, 24 for Swin-B)
+    assert blocks == 12
+    assert counters["stats"]["unique_graphs"] == 2 * 8
+    assert not counters["recompiles"]

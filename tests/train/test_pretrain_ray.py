@@ -61,21 +61,24 @@ def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
 
 @pytest.mark.ray
 def test_two_workers_give_the_losses_of_one_with_the_same_global_batch(sample_shards, tmp_path, ray_local):
+    """Also with the student sharded over the two Ray Train workers (FSDP)."""
     from deo.train.driver import run_folder
     from deo.train.ray_glue import build_trainer
 
     losses = {}
-    for workers in (1, 2):
+    for name, workers, strategy in (("w1", 1, "ddp"), ("w2", 2, "ddp"), ("w2fsdp", 2, "fsdp")):
         cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
-            f"data={sample_shards}", f"run.storage={tmp_path}", f"run.name=w{workers}", *TINY,
+            f"data={sample_shards}", f"run.storage={tmp_path}", f"run.name={name}", *TINY,
             "train.max_steps=3", "model.drop_path=0", "train.data_order=global",
-            f"scaling.num_workers={workers}", "scaling.cpus_per_worker=0.5", "run.export=false"])
+            f"scaling.num_workers={workers}", f"scaling.strategy={strategy}", "scaling.cpus_per_worker=0.5",
+            "run.export=false"])
         result = build_trainer(cfg, run_folder(cfg)).fit()
         assert result.error is None
-        losses[workers] = metric_lines(tmp_path / f"w{workers}")
-    for one, two in zip(losses[1], losses[2], strict=True):
-        for term in ("loss", "compression", "coding_rate", "cls_cos", "pF_cos", "pmid_cos"):
-            assert two[term] == pytest.approx(one[term], rel=2e-3, abs=2e-4), (one["step"], term)
+        losses[name] = metric_lines(tmp_path / name)
+    for other in ("w2", "w2fsdp"):
+        for one, two in zip(losses["w1"], losses[other], strict=True):
+            for term in ("loss", "compression", "coding_rate", "cls_cos", "pF_cos", "pmid_cos"):
+                assert two[term] == pytest.approx(one[term], rel=2e-3, abs=2e-4), (other, one["step"], term)
 
 
 @pytest.fixture

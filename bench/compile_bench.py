@@ -31,11 +31,12 @@ sys.path.insert(0, str(HERE.parent))
 def one_run(args: argparse.Namespace) -> dict:
     """Build and time the step in this process (``--child``)."""
     import torch
+    from gpu_step import STATS, synthetic_batches
     from torch._dynamo.utils import counters
 
     from deo.config import build_config, read_yaml
     from deo.train.config import PretrainConfig
-    from gpu_step import STATS, synthetic_batches
+
     from step_bench import TrainStep
 
     device = torch.device(args.device)

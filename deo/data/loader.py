@@ -12,8 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,24 +109,71 @@ class ShardIndex:
 
 
 class _RowGroupCache:
-    """The last few decoded row groups (a lane window spans only a few)."""
+    """Decoded row groups, each decoded once per lane and freed after the lane's last row from it.
 
-    def __init__(self, index: ShardIndex, size: int = 8) -> None:
+    A shuffle window of W rows mixes about W / 64 row groups; holding each until its last row is read
+    means a row group is decoded once, not once per batch that touches it, and memory stays about one
+    shuffle window of decoded rows (``train.shuffle_buffer`` x row size). With ``threads`` > 1 the next
+    row groups, in the order the lane first needs them, decode concurrently (Parquet decoding and the
+    copies release the GIL): one thread decodes about 130 rows of 256 px per second on a 2-core VM,
+    fewer than one H100 consumes (bench/RESULTS.md).
+    """
+
+    def __init__(self, index: ShardIndex, lane: Stream, threads: int = 1) -> None:
+        """``lane``: the (file, row group, row) rows this loader will read, in order."""
         self.index = index
-        self.size = size
-        self.cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
-        self.files: dict[int, pq.ParquetFile] = {}
+        keys = lane[:, 0] * (1 << 32) + lane[:, 1]
+        # position of the last read of each row group (np.unique on the reversed lane gives first hits)
+        uniq, first_from_end = np.unique(keys[::-1], return_index=True)
+        self.last_read = dict(zip(uniq.tolist(), (len(keys) - 1 - first_from_end).tolist(), strict=True))
+        _, first = np.unique(keys, return_index=True)
+        self.first_use = [(int(k >> 32), int(k & 0xFFFFFFFF)) for k in keys[np.sort(first)]]
+        self.rank = {key: i for i, key in enumerate(self.first_use)}
+        self.cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.decoded = 0
+        """Row groups decoded so far (tests, benchmarks)."""
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads, "deo-decode") if self.threads > 1 else None
+        self.pending: dict[tuple[int, int], Future] = {}
+        self.submitted = 0
+        self.local = threading.local()  # a ParquetFile per thread: readers are not shared across threads
+
+    def release(self, f: int, rg: int, position: int) -> None:
+        """Forget row group (f, rg) if ``position`` was the lane's last read of it."""
+        if self.last_read.get(f * (1 << 32) + rg) == position:
+            self.cache.pop((f, rg), None)
+
+    def close(self) -> None:
+        """Stop decoding ahead (an abandoned pass)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def get(self, f: int, rg: int) -> dict[str, np.ndarray]:
+        """The decoded row group (f, rg), decoding it (and, threaded, the next ones) if needed."""
         key = (f, rg)
         if key in self.cache:
-            self.cache.move_to_end(key)
             return self.cache[key]
-        if f not in self.files:
+        if self.pool is None:
+            decoded = self._decode(f, rg)
+        else:
+            # keep `threads` row groups decoding beyond this one, in first-use order
+            until = min(len(self.first_use), self.rank[key] + 1 + self.threads)
+            while self.submitted < until:
+                nxt = self.first_use[self.submitted]
+                self.pending[nxt] = self.pool.submit(self._decode, *nxt)
+                self.submitted += 1
+            decoded = self.pending.pop(key).result()
+        self.cache[key] = decoded
+        self.decoded += 1
+        return decoded
+
+    def _decode(self, f: int, rg: int) -> dict[str, np.ndarray]:
+        files = self.local.__dict__.setdefault("files", {})
+        if f not in files:
             fs, path = storage.pyarrow_filesystem(self.index.files[f])
-            self.files[f] = pq.ParquetFile(path, filesystem=fs)
+            files[f] = pq.ParquetFile(path, filesystem=fs)
         sar = self.index.sar_shape is not None
-        t = self.files[f].read_row_group(rg, columns=[*COLUMNS, "sar"] if sar else list(COLUMNS))
+        t = files[f].read_row_group(rg, columns=[*COLUMNS, "sar"] if sar else list(COLUMNS))
         n = t.num_rows
         ms, _ = tensor_column_to_numpy(t.column("ms"))
         if self.index.optical_shape is not None:
@@ -144,9 +191,6 @@ class _RowGroupCache:
         }
         if sar:
             decoded["sar"] = tensor_column_to_numpy(t.column("sar"))[0]
-        self.cache[key] = decoded
-        if len(self.cache) > self.size:
-            self.cache.popitem(last=False)
         return decoded
 
 
@@ -161,25 +205,30 @@ class ShardLoader:
     """
 
     def __init__(self, index: ShardIndex, lane: Stream, batch_size: int, num_batches: int,
-                 prefetch: int = 4, pin_memory: bool = False) -> None:
+                 prefetch: int = 4, pin_memory: bool = False, decode_threads: int = 1) -> None:
         if len(lane) < batch_size * num_batches:
             raise ValueError(f"lane has {len(lane)} rows, fewer than {num_batches} x {batch_size}")
         self.index, self.lane = index, lane
         self.batch_size, self.num_batches = batch_size, num_batches
         self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.decode_threads = decode_threads
         self.wait_seconds = 0.0
         """Total time the consumer blocked waiting for a batch."""
+        self.row_groups: _RowGroupCache | None = None
+        """The decoded row groups of the current pass (``.decoded`` counts decodes)."""
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        cache = _RowGroupCache(self.index)
+        lane = self.lane[: self.batch_size * self.num_batches]
+        cache = self.row_groups = _RowGroupCache(self.index, lane, self.decode_threads)
         try:
             for b in range(self.num_batches):
-                rows = self.lane[b * self.batch_size : (b + 1) * self.batch_size]
+                start = b * self.batch_size
                 parts: dict[str, list[np.ndarray]] = {}
-                for f, rg, r in rows:
-                    d = cache.get(int(f), int(rg))
+                for i, (f, rg, r) in enumerate(lane[start : start + self.batch_size].tolist()):
+                    d = cache.get(f, rg)
                     for k, v in d.items():
                         parts.setdefault(k, []).append(v[r])
+                    cache.release(f, rg, start + i)
                 ids = [str(x) for x in parts.pop("sample_id")]
                 batch: dict[str, Any] = {k: torch.from_numpy(np.stack(v)) for k, v in parts.items()}
                 if self.pin_memory:
@@ -196,6 +245,8 @@ class ShardLoader:
             out.put(None)
         except BaseException as e:  # surface reader errors in the training thread
             out.put(e)
+        finally:
+            cache.close()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)

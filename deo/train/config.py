@@ -50,7 +50,14 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, help="recompute Swin blocks in backward (memory mode)")
     precision: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     compile: bool = option(False, help="torch.compile each Swin block (regional compilation; GPU)")
-    shuffle_buffer: int = option(256, help="rows in each worker's shuffle buffer")
+    shuffle_buffer: int = option(
+        256,
+        help="rows in each worker's shuffle window; its row groups stay decoded in RAM until read "
+        "(a 256 px row is 1.5 MB: 4096 rows hold about 6 GB per worker)",
+    )
+    loader_threads: int = option(
+        0, help="threads decoding shard row groups per worker (0: half of scaling.cpus_per_worker, 1 to 8)"
+    )
     data_order: str = option(
         "lanes",
         help="lanes: each row group read by one worker (for object storage at scale); global: every "
@@ -63,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"train.data_order must be lanes or global, got {self.data_order!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loader_threads < 0:
+            raise ValueError(f"train.loader_threads must be >= 0 (0: automatic), got {self.loader_threads}")
         for k in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")

@@ -130,6 +130,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedules = Schedules.from_config(cfg.train)
+    decode_threads = cfg.train.loader_threads or max(1, min(8, int(cfg.scaling.cpus_per_worker) // 2))
 
     step, position = 0, DataPosition()
     state = runtime.restore()
@@ -175,7 +176,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                                  f"global batch of {B} over {world} workers")
             position.next_epoch()
             continue
-        loader = ShardLoader(index, lanes[rank], per_rank, n, pin_memory=device.type == "cuda")
+        loader = ShardLoader(index, lanes[rank], per_rank, n, pin_memory=device.type == "cuda",
+                             decode_threads=decode_threads)
         wait_before = 0.0
         for batch in loader:
             wait_now = loader.wait_seconds - wait_before

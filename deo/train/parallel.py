@@ -60,7 +60,7 @@ def _shard(units: list[nn.Module], root: nn.Module, what: str) -> None:
         if any(True for _ in unit.parameters()):
             fully_shard(unit)
     fully_shard(root)
-    # a parameter outside every unit would stay whole and never be gathered: catch it here, not at step 1
+    # a parameter outside every unit would stay whole and never be gathered: catch it now, not at step 1
     left = [n for n, p in root.named_parameters() if not isinstance(p, DTensor)]
     if left:
         raise RuntimeError(f"FSDP left {what} parameters unsharded: {left[:5]}")
@@ -81,7 +81,7 @@ def distribute(task: Any, strategy: str, device: torch.device) -> None:
         ids = [device.index] if device.type == "cuda" else None
         task.trainable = nn.parallel.DistributedDataParallel(task.trainable, device_ids=ids)
         return
-    # deo never modifies a module's output in place (FSDP's losses equal DDP's: tests/train/test_parallel.py)
+    # deo never modifies a module's output in place (FSDP's losses equal DDP's: test_parallel.py)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     trainable = task.trainable
     heads = [m for name, m in trainable.named_children() if name != "student"]
@@ -169,7 +169,9 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(unwrap(module), optimizer, options=_FULL)
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Load :func:`full_optimizer_state`'s output (any strategy or world size wrote it)."""
     if any(isinstance(k, int) for k in state.get("state", {})) and not is_sharded(unwrap(module)):
         optimizer.load_state_dict(state)  # a checkpoint written before deo saved optimizers by name

@@ -33,9 +33,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
         assert -1.0 <= r["losses_last"]["compression"] <= 1.0
     assert v["paper_ckpt"]["activation_checkpointing"] and not v["paper_nockpt"]["activation_checkpointing"]
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
-    for name in ("ref_compile", "ref_compile_all"):
+    for name in ("ref_compile", "ref_compile_warm"):
         assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
-    assert v["ref_compile_all"].get("recompile_limit", 64) == 64
     ref = v["ref_eager"]
     assert ref["flops_per_step"] > 0 and ref["tflops_achieved"] > 0
     assert ref["with_check_finite"]["samples_per_s"] > 0

@@ -79,7 +79,10 @@ def distribute(task: Any, strategy: str, device: torch.device) -> None:
         return
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        task.trainable = nn.parallel.DistributedDataParallel(task.trainable, device_ids=ids)
+        idle = getattr(task.trainable, "idle_embeddings", [])  # e.g. no optical term: optical embed unused
+        task.trainable = nn.parallel.DistributedDataParallel(
+            task.trainable, device_ids=ids, find_unused_parameters=bool(idle)
+        )
         return
     # deo never modifies a module's output in place (FSDP's losses equal DDP's: test_parallel.py)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")

@@ -95,6 +95,15 @@ class DEOTrainable(nn.Module):
             self.psi_b = nn.Linear(c, m.head_out)
         if self.use["gsd"]:
             self.head_gsd = nn.Linear(c, 1)
+        # patch embeddings this objective never runs (DDP must then look for unused parameters)
+        partner_from_f = bool(m.init_from) and self.use["msad"]  # v^B from the frozen domain teacher
+        runs = {
+            "ms": True,
+            "optical": any(self.use[k] for k in ("cls", "pF", "pmid"))
+            or (self.use["msad"] and self.msad_partner == "optical" and not partner_from_f),
+            "sar": self.use["msad"] and self.msad_partner == "sar" and not partner_from_f,
+        }
+        self.idle_embeddings: list[str] = [k for k in self.student.embeds if not runs[k]]
 
     def _ms_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, B, 10, S, S) -> final tokens (V*B, h, w, C) and pooled (V*B, C)."""

@@ -18,12 +18,12 @@ ARGS = [
 ]
 
 
-def _cfg(shards, storage, name, *extra):
-    return build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"),
+def _cfg(shards, storage, name, *extra, config="default.yaml"):
+    return build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain" / config),
                         [f"data={shards}", f"run.storage={storage}", f"run.name={name}", *ARGS, *extra])
 
 
-def _worker(rank, world, port, shards, storage, name, extra):
+def _worker(rank, world, port, shards, storage, name, extra, config):
     import torch.distributed as dist
 
     from deo.train.loop import train
@@ -32,17 +32,17 @@ def _worker(rank, world, port, shards, storage, name, extra):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = _cfg(shards, storage, name, *extra)
+        cfg = _cfg(shards, storage, name, *extra, config=config)
         uri = f"{storage}/{name}"
         train(cfg, LocalRuntime(uri, device=torch.device("cpu")), uri)
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(shards, storage, name, *extra):
+def _run_two(shards, storage, name, *extra, config="default.yaml"):
     from conftest import free_port
 
-    mp.start_processes(_worker, args=(2, free_port(), str(shards), str(storage), name, list(extra)),
+    mp.start_processes(_worker, args=(2, free_port(), str(shards), str(storage), name, list(extra), config),
                        nprocs=2, join=True, start_method="spawn")
 
 
@@ -98,3 +98,18 @@ def test_fsdp_run_exports_the_whole_backbone(sample_shards, tmp_path):
         torch.testing.assert_close(got[k], v, msg=k)
     probe = [json.loads(x) for x in (tmp_path / "fx" / "probe.jsonl").read_text().splitlines()]
     assert probe and probe[-1]["step"] == 2 and 0 <= probe[-1]["probe/knn_avg"] <= 1
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+@pytest.mark.parametrize("config", ["xstars.yaml", "satdino.yaml"])
+def test_fsdp_shards_the_heads_of_the_method_configs(config, sample_shards, tmp_path):
+    """MSAD projections (X-STARS) and the GSD head with uniform views (SatDINO) train sharded as replicated."""
+    for strategy in ("ddp", "fsdp"):
+        _run_two(sample_shards, tmp_path, strategy, "train.max_steps=2", f"scaling.strategy={strategy}",
+                 "run.export=false", config=config)
+    ddp, fsdp = metric_lines(tmp_path / "ddp"), metric_lines(tmp_path / "fsdp")
+    term = "msad" if config == "xstars.yaml" else "gsd"
+    assert [x["step"] for x in fsdp] == [1, 2]
+    for one, two in zip(ddp, fsdp, strict=True):
+        for k in ("loss", "compression", "coding_rate", term):
+            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (one["step"], k)

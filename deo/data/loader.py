@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ class ShardIndex:
         return sum(len(u[2]) for u in self.units)
 
 
+OPEN_FILES_PER_THREAD = 4
+
+
 class _RowGroupCache:
     """Decoded row groups, each decoded once per lane and freed after the lane's last row from it.
 
@@ -168,10 +172,15 @@ class _RowGroupCache:
         return decoded
 
     def _decode(self, f: int, rg: int) -> dict[str, np.ndarray]:
-        files = self.local.__dict__.setdefault("files", {})
-        if f not in files:
+        # a few open files per thread (each holds a handle and, on object storage, a read buffer)
+        files: OrderedDict[int, pq.ParquetFile] = self.local.__dict__.setdefault("files", OrderedDict())
+        if f in files:
+            files.move_to_end(f)
+        else:
             fs, path = storage.pyarrow_filesystem(self.index.files[f])
             files[f] = pq.ParquetFile(path, filesystem=fs)
+            if len(files) > OPEN_FILES_PER_THREAD:
+                files.popitem(last=False)[1].close()
         sar = self.index.sar_shape is not None
         t = files[f].read_row_group(rg, columns=[*COLUMNS, "sar"] if sar else list(COLUMNS))
         n = t.num_rows

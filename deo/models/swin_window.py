@@ -147,9 +147,9 @@ class StochasticDepth(nn.Module):
         """(B, ...) -> (B, ...): in training, each sample's branch is zeroed with probability ``rate``."""
         if not (self.training and self.active):
             return x
-        keep = 1.0 - self.rate.to(x.dtype)
-        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) < keep
-        return x * (mask.to(x.dtype) / keep)
+        keep = 1.0 - self.rate.float()  # float32: a bf16 draw would round small rates to steps of 1/256
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+        return x * (mask / keep).to(x.dtype)
 
 
 def _rate(module: nn.Module) -> float:

@@ -220,7 +220,9 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                 last = _window_means(sums, window_steps, step)
                 elapsed = time.perf_counter() - window_start
                 images_per_s = window_steps * B / max(elapsed, 1e-9)
-                wait_frac = float(dist.all_reduce_mean(torch.tensor(window_wait / max(elapsed, 1e-9))))
+                # on the device: NCCL (GPU workers) reduces no CPU tensors
+                wait_frac = float(dist.all_reduce_mean(
+                    torch.tensor(window_wait / max(elapsed, 1e-9), device=device)))
                 record = {"step": step, "epoch": position.epoch, **last, "lr": lr, "weight_decay": wd,
                           "momentum": momentum, "images_per_s": images_per_s, "data_wait": wait_frac}
                 if log is not None:
@@ -291,10 +293,27 @@ def _window_means(sums: dict[str, torch.Tensor], steps: int, step: int) -> dict[
     return means
 
 
+def _check_weights_finite(task: Any, step: int) -> None:
+    """Raise unless every trainable and EMA weight is finite on every rank (one host sync)."""
+    params = [dist.local_tensor(p.detach()) for p in (*task.trainable.parameters(), *task.ema.parameters())]
+    finite = torch.stack(torch._foreach_norm(params)).isfinite().all().float()
+    if float(dist.all_reduce_mean(finite)) < 1.0:
+        raise FloatingPointError(
+            f"weights are not finite after step {step} (a NaN/Inf gradient reached the optimizer while "
+            "the losses stayed finite); checkpoint not saved: a rerun resumes from the last good one"
+        )
+
+
 def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                       step: int, position: DataPosition, cfg: PretrainConfig, stats: dict,
                       bands: Any) -> dict[str, Any] | None:
-    """The checkpoint of this step on rank 0 (None elsewhere); every rank must call it (FSDP gathers)."""
+    """The checkpoint of this step on rank 0 (None elsewhere); every rank must call it (FSDP gathers).
+
+    Raises:
+        FloatingPointError: a weight is NaN/Inf (a non-finite gradient with finite losses reached the
+            optimizer); nothing is saved, so a rerun resumes from the last good checkpoint.
+    """
+    _check_weights_finite(task, step)
     trainable = parallel.full_state_dict(task.trainable)
     ema = parallel.full_state_dict(task.ema)
     optim = parallel.full_optimizer_state(task.trainable, optimizer)

@@ -75,8 +75,8 @@ def distribute(task: Any, strategy: str, device: torch.device) -> None:
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"scaling.strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not dist.is_distributed():
-        return
+    if not dist.is_distributed() or dist.get_world_size() == 1:
+        return  # one worker (Ray makes a group even then): nothing to replicate or shard
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         idle = getattr(task.trainable, "idle_embeddings", [])  # e.g. no optical term: optical embed unused
@@ -117,17 +117,15 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The whole ``module``'s state dict on CPU, keyed as the unwrapped module's.
 
     A collective under FSDP (each shard is all-gathered): every rank must call it; rank 0 gets the
-    tensors, the other ranks an empty dict.
+    tensors, the other ranks an empty dict (also without FSDP: only rank 0 saves).
     """
     from torch.distributed.tensor import DTensor
 
-    module = unwrap(module)
-    sharded = is_sharded(module)
     out = {}
-    for name, value in module.state_dict().items():
+    for name, value in unwrap(module).state_dict().items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        if dist.is_main_process() or not sharded:
+        if dist.is_main_process():
             out[name] = value.detach().cpu()
     return out
 
@@ -162,9 +160,28 @@ class WholeStudent:
         if not dist.is_main_process():
             return None
         if self._copy is None:
-            self._copy = self._build()
+            with torch.random.fork_rng(devices=[]):  # building draws init weights: keep rank 0's stream
+                self._copy = self._build()
         self._copy.load_state_dict(state)
         return self._copy
+
+
+def _keyed_by_name(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+                   ) -> dict[str, Any]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint optimizer has {len(state['param_groups'])} parameter groups, "
+                         f"this run {len(optimizer.param_groups)}")
+    rename: dict[int, str] = {}
+    for saved, live in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError("checkpoint optimizer groups hold a different number of parameters than "
+                             "this run's model: was it written by another model config?")
+        rename.update((i, names[id(p)]) for i, p in zip(saved["params"], live["params"], strict=True))
+    return {
+        "state": {rename[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [rename[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -175,10 +192,15 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_optimizer_state(
     module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load :func:`full_optimizer_state`'s output (any strategy or world size wrote it)."""
-    if any(isinstance(k, int) for k in state.get("state", {})) and not is_sharded(unwrap(module)):
-        optimizer.load_state_dict(state)  # a checkpoint written before deo saved optimizers by name
-        return
+    """Load :func:`full_optimizer_state`'s output (any strategy or world size wrote it).
+
+    Checkpoints written before deo keyed optimizer state by name hold integer ids; they are renamed
+    through the optimizer's parameter groups, which :func:`deo.train.loop.build_optimizer` always
+    builds in the same order.
+    """
+    if any(isinstance(k, int) for g in state.get("param_groups", []) for k in g["params"]):
+        state = _keyed_by_name(unwrap(module), optimizer, state)
+    # strict=False: a parameter the objective never uses (an idle embedding) has no AdamW state
     set_optimizer_state_dict(
-        unwrap(module), optimizer, state, options=StateDictOptions(full_state_dict=True)
+        unwrap(module), optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
     )

@@ -110,6 +110,10 @@ def test_stochastic_depth_drops_whole_samples_at_timm_rates():
     assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.015)
     x = torch.randn(4, 3)
     assert torch.equal(sd.eval()(x), x) and torch.equal(StochasticDepth(0.0).train()(x), x)
+    # small rates of deep Swins stay exact in bf16 (the draw is float32)
+    small = StochasticDepth(0.002).train()(torch.ones(400_000, 1, dtype=torch.bfloat16))
+    assert small.dtype == torch.bfloat16
+    assert (small == 0).float().mean().item() == pytest.approx(0.002, abs=0.0004)
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
         StochasticDepth(1.0)
 

@@ -94,3 +94,22 @@ def test_in_loop_probe_writes_probe_jsonl(sample_shards, tmp_path):
     for r in records:
         assert 0.0 <= r["probe/knn_avg"] <= 1.0
         assert any(k.startswith("probe/knn_k") for k in r)
+
+
+def test_a_nan_gradient_with_finite_losses_never_reaches_a_checkpoint(sample_shards, tmp_path, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poisoning_clip(params, *args, **kwargs):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2's gradient turns NaN; its losses were finite
+            params[0].grad.fill_(float("nan"))
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoning_clip)
+    cfg = tiny_cfg(sample_shards, tmp_path, "nangrad", "train.max_steps=4", "run.checkpoint_every=2",
+                   "run.log_every=4")
+    with pytest.raises(FloatingPointError, match="weights are not finite after step 2"):
+        run(cfg, tmp_path)
+    assert not list((tmp_path / "nangrad").glob("checkpoint_*"))

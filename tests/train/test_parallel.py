@@ -113,3 +113,35 @@ def test_fsdp_shards_the_heads_of_the_method_configs(config, sample_shards, tmp_
     for one, two in zip(ddp, fsdp, strict=True):
         for k in ("loss", "compression", "coding_rate", term):
             assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (one["step"], k)
+    # resuming restores AdamW state for the parameters that have it (an idle embedding has none)
+    _run_two(sample_shards, tmp_path, "fsdp", "train.max_steps=3", "scaling.strategy=fsdp",
+             "run.export=false", "run.checkpoint_every=2", config=config)
+    assert [x["step"] for x in metric_lines(tmp_path / "fsdp")] == [1, 2, 3]
+
+
+def test_optimizer_state_saved_by_integer_ids_loads_by_name():
+    """Checkpoints written before optimizer state was keyed by name still resume."""
+    from deo.train import parallel
+    from deo.train.loop import build_optimizer
+    from deo.train.task import DEOTrainable
+
+    cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), ["data=x"])
+
+    def make():
+        torch.manual_seed(0)
+        model = DEOTrainable(cfg, teacher_dim=0)
+        return model, build_optimizer(model, cfg, torch.device("cpu"))
+
+    model, opt = make()
+    model.student.pooled(torch.randn(2, 10, 32, 32), "ms").sum().backward()
+    opt.step()
+    old = opt.state_dict()  # integer ids, as checkpoints held before
+    assert all(isinstance(i, int) for i in old["state"])
+    fresh, fresh_opt = make()
+    parallel.load_optimizer_state(fresh, fresh_opt, old)
+    by_name = dict(fresh.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        got = fresh_opt.state[by_name[names[id(p)]]]
+        torch.testing.assert_close(got["exp_avg"], st["exp_avg"])
+        torch.testing.assert_close(got["exp_avg_sq"], st["exp_avg_sq"])

@@ -24,7 +24,7 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == summary["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
-    for name in ("ref_eager", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
+    for name in ("ref_eager", "ref_loader", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
         r = v[name]
         assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
         assert r["loss_finite"] is True
@@ -35,6 +35,7 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
     for name in ("ref_compile", "ref_compile_warm"):
         assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
+    assert 0.0 <= v["ref_loader"]["data_wait"] < 1.0 and v["ref_loader"]["loader_threads"] >= 1
     ref = v["ref_eager"]
     assert ref["flops_per_step"] > 0 and ref["tflops_achieved"] > 0
     assert ref["with_check_finite"]["samples_per_s"] > 0

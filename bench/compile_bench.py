@@ -98,10 +98,9 @@ def main() -> None:
         print(name, runs[name], flush=True)
     summary = {"command": "python bench/compile_bench.py " + " ".join(sys.argv[1:]), "runs": runs,
                "config": args.config, "overrides": args.overrides, "batch": args.batch}
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from step_bench import emit
+
+    emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,9 @@ def main() -> None:
     }
     summary["persistent_ratio_fsdp_over_ddp"] = (
         summary["persistent_mb_rank0"]["fsdp"] / summary["persistent_mb_rank0"]["ddp"])
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from step_bench import emit
+
+    emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the GPU step.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -34,6 +33,8 @@ from ingest_bench import build_full_tile, run_ingest  # noqa: E402
 from deo.data import loader as loader_mod  # noqa: E402
 from deo.data.sampling import lane_streams  # noqa: E402
 from deo.io.shards import ShardDataset  # noqa: E402
+
+from step_bench import emit  # noqa: E402
 
 
 class LRU8(loader_mod._RowGroupCache):
@@ -90,10 +91,7 @@ def main() -> None:
             report["runs"][f"shuffle{shuffle}_{name}"] = r
             print(shuffle, name, r, flush=True)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

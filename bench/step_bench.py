@@ -188,6 +188,14 @@ class TrainStep:
         return {k: v.detach() for k, v in losses.items()}
 
 
+def emit(report: dict[str, Any], out: str) -> None:
+    """Print a benchmark's JSON report and, given ``out``, write it there too."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def summarise(steps: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
     """Median ms per phase and per step, share of each phase in the summed medians, samples/s."""
     keys = [k for k in (*PHASES, "between") if any(k in s for s in steps)]
@@ -269,10 +277,7 @@ def main() -> None:
         "trainable_params": runner.trainable_parameters(),
         "final_losses": {k: float(v) for k, v in losses.items()},
     })
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

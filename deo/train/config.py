@@ -96,7 +96,7 @@ class ScalingConfig:
     strategy: str = option(
         "ddp",
         help="ddp: replicate the student on every worker; fsdp: shard its weights, gradients and AdamW "
-        "state over the workers (FSDP2; memory mode for big students, see docs/memory.md)",
+        "state over the workers (FSDP2; memory mode for big students, see docs/training.md)",
     )
     address: str = option("", help="Ray address (empty: the job's cluster or a new local Ray)")
 

@@ -26,6 +26,7 @@ from deo.models.dinov3 import DINOv3Teacher, build_teacher
 from deo.models.ema import EMATeacher
 from deo.models.heads import MLPHead
 from deo.models.student import DEOStudent, build_student
+from deo.train.parallel import unwrap
 
 
 class MSBranch(nn.Module):
@@ -51,11 +52,6 @@ def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return tokens.flatten(1, 2)
     x = F.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
     return x.flatten(2).transpose(1, 2)
-
-
-def _unwrap_trainable(trainable: nn.Module) -> nn.Module:
-    """The :class:`DEOTrainable` inside a DDP wrapper (or itself)."""
-    return getattr(trainable, "module", trainable)
 
 
 class DEOTrainable(nn.Module):
@@ -95,15 +91,16 @@ class DEOTrainable(nn.Module):
             self.psi_b = nn.Linear(c, m.head_out)
         if self.use["gsd"]:
             self.head_gsd = nn.Linear(c, 1)
-        # patch embeddings this objective never runs (DDP must then look for unused parameters)
+        # which patch embeddings the objective runs (forward follows this; DDP must look for unused
+        # parameters when one stays idle)
         partner_from_f = bool(m.init_from) and self.use["msad"]  # v^B from the frozen domain teacher
-        runs = {
+        self.runs_embedding: dict[str, bool] = {
             "ms": True,
             "optical": any(self.use[k] for k in ("cls", "pF", "pmid"))
             or (self.use["msad"] and self.msad_partner == "optical" and not partner_from_f),
             "sar": self.use["msad"] and self.msad_partner == "sar" and not partner_from_f,
         }
-        self.idle_embeddings: list[str] = [k for k in self.student.embeds if not runs[k]]
+        self.idle_embeddings: list[str] = [k for k in self.student.embeds if not self.runs_embedding[k]]
 
     def _ms_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, B, 10, S, S) -> final tokens (V*B, h, w, C) and pooled (V*B, C)."""
@@ -139,12 +136,7 @@ class DEOTrainable(nn.Module):
         out["s_ms"] = self.head_ms(pooled).view(-1, b, self.head_ms.mlp[-1].out_features)
         if self.use["gsd"]:
             out["gsd"] = self.head_gsd(pooled).view(-1, b)
-        if (
-            self.use["cls"]
-            or self.use["pF"]
-            or self.use["pmid"]
-            or (self.use["msad"] and self.msad_partner == "optical" and partner_tokens is None)
-        ):
+        if self.runs_embedding["optical"]:
             og = views["opt_global"].flatten(0, 1)
             final, stages = self.student.stages(og, "optical", [len(self.student.stage_dims) - 2])
             if self.use["cls"]:
@@ -233,7 +225,7 @@ class DEOTask(nn.Module):
     @staticmethod
     def _ms_branch(trainable: nn.Module) -> MSBranch:
         """The (unwrapped) trainable's student and head_ms, the structure the EMA averages."""
-        t = _unwrap_trainable(trainable)
+        t = unwrap(trainable)
         return MSBranch(t.student, t.head_ms)
 
     def train(self, mode: bool = True) -> DEOTask:
@@ -267,7 +259,7 @@ class DEOTask(nn.Module):
             out["t_pmid"] = mid.view(vg, b, mid.shape[1], -1)
             out["t_pF"] = fin.view(vg, b, fin.shape[1], -1)
         if self.domain_teacher is not None:
-            partner = _unwrap_trainable(self.trainable).msad_partner
+            partner = unwrap(self.trainable).msad_partner
             key = "sar_global" if partner == "sar" else "opt_global"
             out["f_partner"] = domain_teacher_tokens(self.domain_teacher, views[key], partner)
         return out

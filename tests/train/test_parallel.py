@@ -47,7 +47,9 @@ def _run_two(shards, storage, name, *extra, config="default.yaml"):
 
 
 def _state(folder, step):
-    return torch.load(folder / f"checkpoint_{step:08d}" / "state.pt", weights_only=False)
+    from deo.train import checkpoint as ckpt
+
+    return ckpt.load_state(str(folder / ckpt.checkpoint_name(step)))
 
 
 def _assert_close(a, b, what):

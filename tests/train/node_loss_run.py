@@ -1,6 +1,7 @@
 """Run by test_pretrain_ray.py in its own process: a 2-node Ray cluster loses its training node.
 
-Prints one JSON line: {"removed_after_step": N, "max_steps": M}. Worker logs (with the loop's
+Prints one JSON line: {"removed_after_step": N, "max_steps": M}, N being the step of the newest
+complete checkpoint when the node was removed. Worker logs (with the loop's
 "resuming ... at step" line after the restart) go to stdout too.
 """
 
@@ -19,10 +20,29 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
-from deo.train.checkpoint import latest_checkpoint  # noqa: E402
+from deo.io import storage  # noqa: E402
+from deo.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.driver import run_folder  # noqa: E402
 from deo.train.ray_glue import build_trainer  # noqa: E402
+
+
+def complete_checkpoint_step(run_uri: str) -> int | None:
+    """Step of the newest checkpoint whose state.pt loads, else None.
+
+    state.pt exists from the moment Ray starts copying it into the run folder (in 1 MiB writes, 50 MB
+    here): a node removed then leaves a truncated file that the restarted worker rightly skips, and,
+    with no older checkpoint, it restarts at step 0 (what failed in CI). Wait for a whole one.
+    """
+    latest = latest_checkpoint(run_uri)
+    if latest is None:
+        return None
+    try:
+        state = load_state(latest)
+    except (RuntimeError, EOFError, OSError, KeyError):  # still being copied
+        return None
+    return int(state["step"])
+
 
 shards, tmp = sys.argv[1], sys.argv[2]
 MAX_STEPS = 30
@@ -39,11 +59,12 @@ box: dict = {}
 thread = threading.Thread(target=lambda: box.update(result=build_trainer(cfg, run_uri).fit()))
 thread.start()
 deadline = time.time() + 300
-while latest_checkpoint(run_uri) is None and time.time() < deadline:
+while (removed_after := complete_checkpoint_step(run_uri)) is None and time.time() < deadline:
     time.sleep(0.2)
-latest = latest_checkpoint(run_uri)
-assert latest is not None, "no checkpoint appeared"
-removed_after = int(latest.rsplit("_", 1)[1])
+assert removed_after is not None, "no complete checkpoint appeared"
+# the node must die mid-run: the run has not finished and most of its steps are still to come
+assert not storage.exists(storage.join(run_uri, "summary.json")), "the run finished before the node loss"
+assert removed_after <= MAX_STEPS // 2, f"checkpoint {removed_after} of {MAX_STEPS}: too late for the test"
 cluster.remove_node(train_node)  # the node with the training worker dies
 time.sleep(3)
 cluster.add_node(num_cpus=1, resources={"deo_train": 1}, node_ip_address="127.0.0.1")  # a replacement

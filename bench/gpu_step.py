@@ -13,9 +13,11 @@ bf16, H100 SXM; ``--peak-tflops``).
 
 Variants, in order (each in a forked child with a wall-clock limit; the JSON is rewritten after each,
 so a timeout keeps what finished):
-  ref_eager        swin_tiny + ViT-B/16 DINOv3 [8, 11], 2x224 + 10x96, batch 64, bf16; FLOPs/MFU; and the
-                   same steps again WITH a per-step finiteness check (one host sync; the loop checks the
-                   summed terms at logging steps instead)
+  ref_eager        swin_tiny + ViT-B/16 DINOv3 [8, 11], 2x224 + 10x96, batch 64, bf16; FLOPs/MFU; a
+                   torch.profiler table of the ops and kernels with most GPU time, and GPU busy time
+  ref_fp32_ln      ref_eager with autocast's float32 LayerNorms instead of ``InputDtypeLayerNorm``
+  ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
+                   the loop checks the summed terms at logging steps instead)
   ref_loader       ref_eager fed by the real ``ShardLoader`` (pinned, ``--loader-threads`` decode threads)
                    from Parquet shards of random 256 px tiles written first on the machine's disk, never
                    re-reading a row: samples/s and data-wait, the share of the time the step waited on
@@ -52,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
+from deo.models.layer_norm import InputDtypeLayerNorm  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 
 from step_bench import REPO, TrainStep, summarise  # noqa: E402
@@ -66,7 +69,10 @@ STATS = {
 """Band stats of the synthetic tiles (their values only scale the inputs)."""
 
 VARIANTS: list[dict[str, Any]] = [
-    {"name": "ref_eager", "config": "reference.yaml", "flops": True, "with_check_finite": True, "budget_s": 100},
+    {"name": "ref_eager", "config": "reference.yaml", "flops": True, "profile": True, "budget_s": 110},
+    {"name": "ref_fp32_ln", "config": "reference.yaml", "fp32_layer_norm": True, "baseline": True, "budget_s": 70},
+    {"name": "ref_check_finite", "config": "reference.yaml", "with_check_finite": True, "baseline": True,
+     "budget_s": 90},
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
     {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
      "compile": True},
@@ -173,6 +179,47 @@ def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 
+def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> dict[str, Any]:
+    """``torch.profiler`` over ``n`` steps: the ops and kernels with most device time, and how busy the GPU was.
+
+    ``gpu_busy_ms_per_step`` sums the kernels' own time (overlap aside): far below the wall time means
+    the GPU waits for the host (launch-bound), close to it means the kernels themselves are the cost.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    w0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for k in range(n):
+            step(first + k)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - w0) / n * 1e3  # profiled: includes the profiler's own overhead
+    events = prof.key_averages()
+
+    def dev_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy = sum(dev_us(e) for e in kernels) / n / 1e3
+    rank = sorted(events, key=dev_us if cuda else (lambda e: e.self_cpu_time_total), reverse=True)[:top]
+    return {
+        "steps": n,
+        "wall_ms_per_step": round(wall, 1),
+        "gpu_busy_ms_per_step": round(busy, 1),
+        "kernels_per_step": round(sum(e.count for e in kernels) / n),
+        "top_by_device_time": [
+            {"name": e.key[:120], "kind": "kernel" if e.device_type == DeviceType.CUDA else "op",
+             "calls_per_step": round(e.count / n, 1), "device_ms_per_step": round(dev_us(e) / n / 1e3, 2),
+             "cpu_ms_per_step": round(e.self_cpu_time_total / n / 1e3, 2)}
+            for e in rank
+        ],
+    }
+
+
 def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
     """Build and time one variant in this process, writing its record to ``path``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -195,6 +242,10 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         runner = TrainStep(cfg, device, STATS)
+        if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side
+            for m in runner.task.modules():
+                if type(m) is InputDtypeLayerNorm:
+                    m.__class__ = torch.nn.LayerNorm
         loader = None
         if v.get("loader"):
             steps_total = int(bool(v.get("flops"))) + args.warmup + args.steps
@@ -275,6 +326,11 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         rec.update(status="ok", **res)
         print(f"[{v['name']}] {res['samples_per_s']:.1f} samples/s, step {res['step_ms_median']:.1f} ms "
               f"(median), peak {res.get('peak_mem_gib', 'n/a')} GiB, finite={res['loss_finite']}", flush=True)
+        if v.get("profile"):
+            rec.update(profile=profile_steps(step, i, 2, cuda))
+            i += 2
+            print(f"[{v['name']}] profiled: GPU busy {rec.data['profile']['gpu_busy_ms_per_step']} ms of "
+                  f"{rec.data['profile']['wall_ms_per_step']} ms per step", flush=True)
         if v.get("with_check_finite"):
             runner.task.check_finite_every_step = True
             runner.clock.clear()
@@ -345,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         left = args.budget_s - (time.perf_counter() - start)
         # smoke: CPU inductor compiles for minutes, so the compiled variant exercises the time guard
         own = (args.compile_warmup_s + 6 if v.get("compile") else left) if args.smoke else v["budget_s"]
+        if v.get("compile") and not args.smoke:
+            own = max(own, args.compile_warmup_s + 50)  # a longer warm-up allowance gets the time to use it
         limit = min(own, left)
         if limit < (8 if args.smoke else 40):
             summary["variants"][v["name"]] = {"status": f"skipped: {left:.0f} s of the budget left"}
@@ -372,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {v['name']}: {rec.get('status')}", flush=True)
     ok = {n: r for n, r in summary["variants"].items() if r.get("status") == "ok"}
     if "ref_eager" in ok:
-        step_only = {v["name"] for v in VARIANTS if not v.get("loader")}  # ref_loader measures the data path
+        # the shipped step only: ref_loader measures the data path, baselines the code it replaced
+        step_only = {v["name"] for v in VARIANTS if not v.get("loader") and not v.get("baseline")}
         best = max((r["samples_per_s"], n) for n, r in ok.items() if n.startswith("ref_") and n in step_only)
         summary["best_reference"] = {"variant": best[1], "samples_per_s": round(best[0], 1),
                                      "speedup_vs_public": round(best[0] / 159.6, 2)}

@@ -17,6 +17,7 @@ import torch
 from timm.models.eva import Eva, checkpoint_filter_fn
 from torch import nn
 
+from deo.models.layer_norm import keep_input_dtype_in_layer_norms
 from deo.models.weights import load_checked, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def build_dinov3_vit(name: str) -> Eva:
         vit = timm.create_model(name, pretrained=False, num_classes=0)
     if not isinstance(vit, Eva):
         raise ValueError(f"{name!r} is not a timm DINOv3 (Eva) model")
-    return vit
+    return keep_input_dtype_in_layer_norms(vit)  # bf16 stays bf16 under autocast
 
 
 def load_dinov3_weights(vit: Eva, uri: str) -> None:

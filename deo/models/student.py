@@ -3,7 +3,8 @@
 Names (``model.student``): ``swin_deo_tiny`` (about 2.6M backbone parameters; tests and the CPU default)
 or any timm ``swin_*_patch4_window*`` name (``swin_tiny_patch4_window7_224`` reference,
 ``swin_base_patch4_window7_224`` paper, about 87M). Every block uses an adaptive window
-(:mod:`deo.models.swin_window`), so global and local crops of any size tile without padding.
+(:mod:`deo.models.swin_window`), so global and local crops of any size tile without padding, and every
+LayerNorm keeps bf16 activations in bf16 under autocast (:mod:`deo.models.layer_norm`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from timm.models import SwinTransformer
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from deo.models.layer_norm import keep_input_dtype_in_layer_norms
 from deo.models.patch_embed import (
     MODALITY_BANDS,
     MS_EMBED_INITS,
@@ -144,7 +146,7 @@ def build_swin(name: str, img_size: int, drop_path: float = 0.0) -> SwinTransfor
         raise ValueError(
             f"{name!r} is not a timm SwinTransformer (got {type(model).__name__}); use swin_*_patch4_*"
         )
-    return make_windows_adaptive(model)
+    return keep_input_dtype_in_layer_norms(make_windows_adaptive(model))
 
 
 def build_student(model_cfg: Any, img_size: int = 224) -> DEOStudent:
@@ -178,4 +180,4 @@ def build_student(model_cfg: Any, img_size: int = 224) -> DEOStudent:
     if model_cfg.sar:
         embeds["sar"] = make_patch_embed(len(MODALITY_BANDS["sar"]), dim, patch, size)
     swin.patch_embed = nn.Identity()
-    return DEOStudent(swin, embeds, model_cfg.student)
+    return DEOStudent(swin, keep_input_dtype_in_layer_norms(embeds), model_cfg.student)

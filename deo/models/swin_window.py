@@ -72,6 +72,34 @@ def _rel_index(win: tuple[int, int], built: tuple[int, int], device: torch.devic
     return (rel[0] + built[0] - 1) * (2 * built[1] - 1) + (rel[1] + built[1] - 1)
 
 
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    images: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention inside each window, with relative-position bias and the shifted-window mask.
+
+    Args:
+        q, k, v: (images * nW, heads, N, hd), windows ordered (image, window).
+        bias: (heads, N, N) relative-position bias.
+        mask: (nW, N, N) additive mask of shifted windows, or None.
+        images: number of images B.
+        dropout_p: attention dropout.
+
+    Returns:
+        (images * nW, heads, N, hd).
+    """
+    bias = bias.unsqueeze(0).to(q.dtype)
+    if mask is not None:
+        # window w of every image gets mask[w]
+        bias = (bias + mask.unsqueeze(1).to(q.dtype)).repeat(images, 1, 1, 1)  # (B*nW, heads, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
 class AdaptiveWindowBlock(SwinTransformerBlock):
     """A timm :class:`SwinTransformerBlock` whose window follows the input grid (see module docstring).
 
@@ -112,13 +140,7 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         bias = (
             attn.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         )  # (heads, N, N)
-        bias = bias.unsqueeze(0).to(q.dtype)
-        if mask is not None:
-            # windows are ordered (batch, window): window w of every image gets mask[w]
-            bias = (bias + mask.unsqueeze(1).to(q.dtype)).repeat(b, 1, 1, 1)  # (B*nW, heads, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0
-        )
+        out = window_attention(q, k, v, bias, mask, b, attn.attn_drop.p if self.training else 0.0)
         out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xw.shape[0], n, -1)))
 
         x = window_reverse(out.view(-1, win[0], win[1], c), win, hp, wp)[:, :h, :w, :]

@@ -24,7 +24,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == summary["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
-    for name in ("ref_eager", "ref_loader", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
+    for name in ("ref_eager", "ref_fp32_ln", "ref_check_finite", "ref_loader", "paper_ckpt", "paper_nockpt",
+                 "paper_vitl_ckpt"):
         r = v[name]
         assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
         assert r["loss_finite"] is True
@@ -38,7 +39,9 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     assert 0.0 <= v["ref_loader"]["data_wait"] < 1.0 and v["ref_loader"]["loader_threads"] >= 1
     ref = v["ref_eager"]
     assert ref["flops_per_step"] > 0 and ref["tflops_achieved"] > 0
-    assert ref["with_check_finite"]["samples_per_s"] > 0
+    assert v["ref_check_finite"]["with_check_finite"]["samples_per_s"] > 0
+    prof = ref["profile"]
+    assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0 and len(prof["top_by_device_time"]) > 10
     # the trainable count is the task's, built independently
     cfg = gpu_step.variant_config(gpu_step.VARIANTS[0], smoke=True, batch=4)
     task = DEOTask(cfg)

@@ -15,7 +15,10 @@ Variants, in order (each in a forked child with a wall-clock limit; the JSON is 
 so a timeout keeps what finished):
   ref_eager        swin_tiny + ViT-B/16 DINOv3 [8, 11], 2x224 + 10x96, batch 64, bf16; FLOPs/MFU; a
                    torch.profiler table of the ops and kernels with most GPU time, and GPU busy time
-  ref_fp32_ln      ref_eager with autocast's float32 LayerNorms instead of ``InputDtypeLayerNorm``
+  ref_unfused      ref_eager with timm's roll + window partition / reverse + roll and separate
+                   stochastic-depth multiply and residual add (``AdaptiveWindowBlock.fused = False``)
+  ref_fp32_ln      ref_unfused with autocast's float32 LayerNorms instead of ``InputDtypeLayerNorm``: the
+                   step as it was before both changes
   ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
                    the loop checks the summed terms at logging steps instead)
   ref_loader       ref_eager fed by the real ``ShardLoader`` (pinned, ``--loader-threads`` decode threads)
@@ -55,6 +58,7 @@ import torch  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.models.layer_norm import InputDtypeLayerNorm  # noqa: E402
+from deo.models.swin_window import AdaptiveWindowBlock  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 
 from step_bench import REPO, TrainStep, summarise  # noqa: E402
@@ -70,7 +74,9 @@ STATS = {
 
 VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_eager", "config": "reference.yaml", "flops": True, "profile": True, "budget_s": 110},
-    {"name": "ref_fp32_ln", "config": "reference.yaml", "fp32_layer_norm": True, "baseline": True, "budget_s": 70},
+    {"name": "ref_unfused", "config": "reference.yaml", "unfused_blocks": True, "baseline": True, "budget_s": 70},
+    {"name": "ref_fp32_ln", "config": "reference.yaml", "unfused_blocks": True, "fp32_layer_norm": True,
+     "baseline": True, "budget_s": 70},
     {"name": "ref_check_finite", "config": "reference.yaml", "with_check_finite": True, "baseline": True,
      "budget_s": 90},
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
@@ -242,6 +248,8 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         runner = TrainStep(cfg, device, STATS)
+        if v.get("unfused_blocks"):  # timm's roll / partition / reverse / roll and separate residual ops
+            AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side
             for m in runner.task.modules():
                 if type(m) is InputDtypeLayerNorm:

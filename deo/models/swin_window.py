@@ -20,6 +20,8 @@ blocks of that kind share, instead of one per block (timm's per-block rates are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -100,13 +102,64 @@ def window_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
+def _window_order(
+    h: int, w: int, win: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order of the shifted windows of an (h, w) grid that ``win`` divides, and its inverse.
+
+    ``tokens.index_select(1, order)`` on (B, h*w, C) equals timm's ``roll(-shift)`` followed by
+    ``window_partition`` (windows in (image, row, column) order, tokens row-major in each window), in
+    one copy instead of two; ``index_select(1, inverse)`` undoes both.
+    """
+    rows = (torch.arange(h, device=device) + shift[0]) % h  # token row at each shifted-grid row
+    cols = (torch.arange(w, device=device) + shift[1]) % w
+    rows, cols = rows.view(h // win[0], win[0]), cols.view(w // win[1], win[1])
+    order = (rows[:, None, :, None] * w + cols[None, :, None, :]).flatten()  # (nWh, nWw, wh, ww)
+    return order, torch.argsort(order)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, order)`` whose backward is the inverse gather (no zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Reorder the tokens of ``x`` (B, L, C) by the permutation ``order`` (L,) with inverse ``inverse``."""
+    return _PermuteTokens.apply(x, order, inverse)
+
+
 class AdaptiveWindowBlock(SwinTransformerBlock):
     """A timm :class:`SwinTransformerBlock` whose window follows the input grid (see module docstring).
 
-    Masks and bias indices are cached per (grid, device): a training run sees two or three grid sizes.
+    Masks, bias indices and token orders are cached per (grid, device): a training run sees two or three
+    grid sizes. When the window divides the grid (always, except prime-like grids), the shift and the
+    window partition are one gather (:func:`permute_tokens`), and so are the window reverse and the shift
+    back; the stochastic-depth residuals are one ``addcmul`` each. ``fused = False`` (class attribute)
+    runs timm's roll / partition / reverse / roll and separate residual ops instead (same results; kept
+    for side-by-side benchmarks).
     """
 
-    _cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]]
+    _cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+    fused: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): pre-norm attention and MLP residuals, as timm's block."""
+        if not self.fused:
+            return super().forward(x)
+        b, h, w, c = x.shape
+        x = self.drop_path1.residual(x, self._attn(self.norm1(x)))
+        x = x.reshape(b, -1, c)
+        x = self.drop_path2.residual(x, self.mlp(self.norm2(x)))
+        return x.reshape(b, h, w, c)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         """Windowed attention of ``x`` (B, H, W, C) -> (B, H, W, C)."""
@@ -120,19 +173,23 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         )
         key = (h, w, win, shift, x.device)
         cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
-            hp, wp = -(-h // win[0]) * win[0], -(-w // win[1]) * win[1]
-            mask = _shift_mask(hp, wp, win, shift, x.device) if any(shift) else None
-            cache[key] = (mask, _rel_index(win, built, x.device))
-        mask, index = cache[key]
-
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         pad_h, pad_w = (win[0] - h % win[0]) % win[0], (win[1] - w % win[1]) % win[1]
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = x.shape[1], x.shape[2]
+        if key not in cache:
+            hp, wp = h + pad_h, w + pad_w
+            mask = _shift_mask(hp, wp, win, shift, x.device) if any(shift) else None
+            order = None if pad_h or pad_w else _window_order(h, w, win, shift, x.device)
+            cache[key] = (mask, _rel_index(win, built, x.device), order)
+        mask, index, order = cache[key]
         n = win[0] * win[1]
-        xw = window_partition(x, win).view(-1, n, c)  # (nW*B, N, C)
+        gather = order is not None and self.fused
+
+        if gather:
+            xw = permute_tokens(x.reshape(b, h * w, c), *order).view(-1, n, c)  # (B*nW, N, C)
+        else:
+            if any(shift):
+                x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+            xw = window_partition(x, win).view(-1, n, c)  # (B*nW, N, C)
 
         attn = self.attn
         qkv = attn.qkv(xw).reshape(xw.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -143,7 +200,9 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         out = window_attention(q, k, v, bias, mask, b, attn.attn_drop.p if self.training else 0.0)
         out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xw.shape[0], n, -1)))
 
-        x = window_reverse(out.view(-1, win[0], win[1], c), win, hp, wp)[:, :h, :w, :]
+        if gather:
+            return permute_tokens(out.view(b, h * w, c), order[1], order[0]).view(b, h, w, c)
+        x = window_reverse(out.view(-1, win[0], win[1], c), win, h + pad_h, w + pad_w)[:, :h, :w, :]
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x.contiguous()
@@ -165,13 +224,23 @@ class StochasticDepth(nn.Module):
         self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
         self.active = rate > 0.0
 
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ...) per-sample factor: 0 (dropped) or 1 / keep, in ``x``'s dtype."""
+        keep = 1.0 - self.rate.float()  # float32: a bf16 draw would round small rates to steps of 1/256
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+        return (mask / keep).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> (B, ...): in training, each sample's branch is zeroed with probability ``rate``."""
         if not (self.training and self.active):
             return x
-        keep = 1.0 - self.rate.float()  # float32: a bf16 draw would round small rates to steps of 1/256
-        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
-        return x * (mask / keep).to(x.dtype)
+        return x * self._scale(x)
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + self(branch)`` in one elementwise pass (``addcmul``), with the same random draws."""
+        if not (self.training and self.active):
+            return x + branch
+        return torch.addcmul(x, branch, self._scale(branch))
 
 
 def _rate(module: nn.Module) -> float:

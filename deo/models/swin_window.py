@@ -172,7 +172,9 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
             win[1] // 2 if shifted and w > win[1] else 0,
         )
         key = (h, w, win, shift, x.device)
-        cache = self.__dict__.setdefault("_cache", {})
+        # under torch.compile the cache would be a guarded Python dict (torch 2.11: a graph break, then a
+        # recompile once it fills); the mask and orders are built from static values inside the graph
+        cache = {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_cache", {})
         pad_h, pad_w = (win[0] - h % win[0]) % win[0], (win[1] - w % win[1]) % win[1]
         if key not in cache:
             hp, wp = h + pad_h, w + pad_w

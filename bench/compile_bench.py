@@ -3,7 +3,8 @@
 Runs the loop's step (:class:`step_bench.TrainStep`) at a config's view sizes with a small batch, in
 fresh subprocesses: ``eager`` (no compile), then ``compiled`` twice with one new Inductor cache folder,
 so the first compiled run starts cold and the second finds the cache warm (as a resumed run or a second
-worker on the same node would). Per run: seconds of the first step (building included) and of the
+worker on the same node would), then ``compiled_from_bundles``: a fresh local cache (another node) that
+loads the bundles the cold run saved (``train.compile_cache``, :mod:`deo.train.compile_cache`). Per run: seconds of the first step (building included) and of the
 first ``--warmup`` steps, median of the next ``--steps``, Dynamo's unique graphs and recompiles.
 
     python bench/compile_bench.py [--config configs/pretrain/reference.yaml] [--batch 2] [--device cpu]
@@ -35,6 +36,7 @@ def one_run(args: argparse.Namespace) -> dict:
     from torch._dynamo.utils import counters
 
     from deo.config import build_config, read_yaml
+    from deo.train.compile_cache import CompileCache
     from deo.train.config import PretrainConfig
 
     from step_bench import TrainStep
@@ -42,6 +44,8 @@ def one_run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    bundles = CompileCache(args.bundles) if args.bundles and args.compile else None
+    load_s = bundles.load() if bundles is not None else 0.0
     cfg = build_config(PretrainConfig, read_yaml(args.config), [
         f"train.batch_size={args.batch}", "teacher.weights=", "scaling.num_workers=1", "data=unused",
         f"train.compile={'true' if args.compile else 'false'}",
@@ -56,8 +60,13 @@ def one_run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - s0)
+    saved = bundles.save() if bundles is not None else None
     return {
         "compile": args.compile, "first_step_s": round(times[0], 2),
+        "bundles_loaded": len(bundles.loaded) if bundles is not None else 0, "bundle_load_s": round(load_s, 2),
+        "bundle_saved": bool(saved),
+        "fx_graph_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
+        "aot_autograd_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
         "build_and_warmup_s": round(time.perf_counter() - t0 - sum(times[args.warmup:]), 2),
         "warmup_steps_s": [round(t, 2) for t in times[: args.warmup]],
         "step_s_median": round(statistics.median(times[args.warmup:]), 4),
@@ -78,19 +87,24 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bundles", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(one_run(args)))
         return
     cache = tempfile.mkdtemp(prefix="inductor-cache-")
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    fresh = tempfile.mkdtemp(prefix="inductor-cache-")  # another machine: nothing compiled locally
+    bundles = tempfile.mkdtemp(prefix="deo-compile-cache-")  # the run's train.compile_cache
     base = [sys.executable, __file__, "--child", f"--config={args.config}", f"--device={args.device}",
             f"--batch={args.batch}", f"--tile={args.tile}", f"--warmup={args.warmup}",
             f"--steps={args.steps}", f"--threads={args.threads}"]
     runs = {}
-    for name, extra in (("eager", []), ("compiled_cold_cache", ["--compile"]),
-                        ("compiled_warm_cache", ["--compile"])):
+    for name, extra, local in (("eager", [], cache),
+                               ("compiled_cold_cache", ["--compile", f"--bundles={bundles}"], cache),
+                               ("compiled_warm_cache", ["--compile"], cache),
+                               ("compiled_from_bundles", ["--compile", f"--bundles={bundles}"], fresh)):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=local)
         r = subprocess.run([*base, *extra, *args.overrides], env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")

@@ -141,9 +141,10 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
     """A timm :class:`SwinTransformerBlock` whose window follows the input grid (see module docstring).
 
     Masks, bias indices and token orders are cached per (grid, device): a training run sees two or three
-    grid sizes. When the window divides the grid (always, except prime-like grids), the shift and the
-    window partition are one gather (:func:`permute_tokens`), and so are the window reverse and the shift
-    back; the stochastic-depth residuals are one ``addcmul`` each. ``fused = False`` (class attribute)
+    grid sizes. In eager mode, when the window divides the grid (always, except prime-like grids), the
+    shift and the window partition are one gather (:func:`permute_tokens`), and so are the window
+    reverse and the shift back (compiled, Inductor fuses timm's ops instead); the stochastic-depth
+    residuals are one ``addcmul`` each. ``fused = False`` (class attribute)
     runs timm's roll / partition / reverse / roll and separate residual ops instead (same results; kept
     for side-by-side benchmarks).
     """
@@ -176,14 +177,17 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         # recompile once it fills); the mask and orders are built from static values inside the graph
         cache = {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_cache", {})
         pad_h, pad_w = (win[0] - h % win[0]) % win[0], (win[1] - w % win[1]) % win[1]
+        # compiled, roll and partition are index arithmetic Inductor fuses into its kernels, and a
+        # custom autograd.Function would keep AOTAutograd from caching the graph: gather in eager only
+        eager_gather = self.fused and not (pad_h or pad_w or torch.compiler.is_compiling())
         if key not in cache:
             hp, wp = h + pad_h, w + pad_w
             mask = _shift_mask(hp, wp, win, shift, x.device) if any(shift) else None
-            order = None if pad_h or pad_w else _window_order(h, w, win, shift, x.device)
+            order = _window_order(h, w, win, shift, x.device) if eager_gather else None
             cache[key] = (mask, _rel_index(win, built, x.device), order)
         mask, index, order = cache[key]
         n = win[0] * win[1]
-        gather = order is not None and self.fused
+        gather = order is not None and eager_gather
 
         if gather:
             xw = permute_tokens(x.reshape(b, h * w, c), *order).view(-1, n, c)  # (B*nW, N, C)

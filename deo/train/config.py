@@ -50,6 +50,11 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, help="recompute Swin blocks in backward (memory mode)")
     precision: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
     compile: bool = option(False, help="torch.compile each Swin block (regional compilation; GPU)")
+    compile_cache: str = option(
+        "",
+        help="folder (local or s3://) of the compiled code saved by train.compile, loaded at start so "
+        "a resume, a restarted worker or another trial skips compiling ('': <run folder>/compile_cache)",
+    )
     shuffle_buffer: int = option(
         256,
         help="rows in each worker's shuffle window; its row groups stay decoded in RAM until read "

@@ -39,7 +39,8 @@ def run_folder(cfg: PretrainConfig) -> str:
     return storage.join(base, cfg.run.name)
 
 
-PATH_KEYS = ("data", "probe.dataset", "teacher.weights", "model.init_from", "model.rgb_weights")
+PATH_KEYS = ("data", "probe.dataset", "teacher.weights", "model.init_from", "model.rgb_weights",
+             "train.compile_cache")
 """Config keys holding local paths or URIs that workers open."""
 
 

@@ -25,6 +25,7 @@ from deo.io import storage
 from deo.io.shards import ShardDataset
 from deo.train import checkpoint as ckpt
 from deo.train import parallel
+from deo.train.compile_cache import CompileCache
 from deo.train.config import PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
@@ -123,6 +124,13 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     # a per-step check is a host sync (2 % of an H100 step, bench/RESULTS.md)
     task = DEOTask(cfg, device=device, check_finite=False)
     configure_student(task.trainable.student, cfg, ema_student=task.ema.module.student)
+    compiled = CompileCache.for_run(cfg.train.compile_cache, run_uri, device) if cfg.train.compile else None
+    if compiled is not None:
+        seconds = compiled.load()
+        if main and (compiled.loaded or compiled.skipped):
+            print(f"compile cache: loaded {len(compiled.loaded)} bundle(s) from {compiled.folder} in "
+                  f"{seconds:.1f} s" + (f", skipped {len(compiled.skipped)} unreadable" if compiled.skipped
+                                        else ""), flush=True)
     parallel.distribute(task, cfg.scaling.strategy, device)
     whole = parallel.WholeStudent(lambda: build_student(cfg.model, cfg.views.global_size).to(device))
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
@@ -215,6 +223,10 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             step += 1
             window_steps += 1
             position.advance(world, B)
+            if compiled is not None and main and (step == start_step + 1 or step % cfg.run.checkpoint_every == 0):
+                saved = compiled.save()  # what this process compiled since the last save, if anything
+                if saved:
+                    print(f"compile cache: saved {saved}", flush=True)
 
             if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
                 last = _window_means(sums, window_steps, step)

@@ -66,6 +66,8 @@ def trial_config(sweep: SweepConfig, base: dict[str, Any], params: dict[str, Any
         f"scaling.cpus_per_worker={r.cpus_per_worker}",
         f"scaling.use_gpu={r.use_gpu}",
     ]
+    if not base.get("train", {}).get("compile_cache"):  # trials compile the same graphs: share the code
+        overrides.append(f"train.compile_cache={storage.join(_abs(sweep.storage), sweep.name, 'compile_cache')}")
     return build_config(PretrainConfig, base, overrides, source=sweep.pretrain_config)
 
 

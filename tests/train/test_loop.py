@@ -113,3 +113,47 @@ def test_a_nan_gradient_with_finite_losses_never_reaches_a_checkpoint(sample_sha
     with pytest.raises(FloatingPointError, match="weights are not finite after step 2"):
         run(cfg, tmp_path)
     assert not list((tmp_path / "nangrad").glob("checkpoint_*"))
+
+
+def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shards, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The loop's wiring of train.compile_cache (tests/train/test_compile_cache.py covers real bundles):
+    rank 0 saves a bundle after its first step, and the resumed run loads it before compiling."""
+    import deo.train.loop as loop
+
+    class Info:
+        def __init__(self, keys):
+            self.artifacts = {"inductor": list(keys)}
+
+    compiled_keys: list[str] = []
+    loaded: list[bytes] = []
+
+    def save():  # what this process "compiled": one key per configured student
+        return (b"bundle:" + ",".join(compiled_keys).encode(), Info(compiled_keys)) if compiled_keys else None
+
+    def load(data):
+        loaded.append(data)
+        return Info(data.decode().removeprefix("bundle:").split(","))
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", save)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", load)
+    real_configure = loop.configure_student
+
+    def configure(student, cfg, backend="inductor", ema_student=None):  # Dynamo without a compiler
+        compiled_keys.append("graphs")
+        real_configure(student, cfg, backend="eager", ema_student=ema_student)
+
+    monkeypatch.setattr(loop, "configure_student", configure)
+    cfg = tiny_cfg(sample_shards, tmp_path, "compiled", "train.max_steps=2", "run.checkpoint_every=2",
+                   "train.compile=true")
+    run(cfg, tmp_path)
+    bundles = sorted((tmp_path / "compiled" / "compile_cache").glob("*/*.bin"))
+    assert len(bundles) == 1 and bundles[0].read_bytes() == b"bundle:graphs" and not loaded
+    assert "compile cache: saved" in capsys.readouterr().out
+
+    resumed = run(tiny_cfg(sample_shards, tmp_path, "compiled", "train.max_steps=4", "run.checkpoint_every=2",
+                           "train.compile=true"), tmp_path)
+    assert resumed.start_step == 2 and loaded == [b"bundle:graphs"]
+    out = capsys.readouterr().out
+    assert "compile cache: loaded 1 bundle(s)" in out and "compile cache: saved" not in out  # nothing new
+    assert len(list((tmp_path / "compiled" / "compile_cache").glob("*/*.bin"))) == 1

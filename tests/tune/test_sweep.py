@@ -125,3 +125,16 @@ def test_sweep_config_rejects_unknown_space_keys(tmp_path):
         to_tune_space({"loss.gamma": {"type": "uniform", "low": 0}})
     cfg = build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"))
     assert set(cfg.space) == {"loss.alpha1", "loss.alpha2", "loss.alpha3", "loss.gamma"}
+
+
+def test_trials_share_one_compile_cache_unless_the_config_names_one(tmp_path):
+    from deo.config import to_dict
+    from deo.tune.sweep import trial_config
+
+    sweep = SweepConfig(storage=str(tmp_path / "sweeps"), name="s")
+    base = to_dict(build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), []))
+    a, b = (trial_config(sweep, base, {}, t) for t in ("t1", "t2"))
+    assert a.train.compile_cache == b.train.compile_cache == str(tmp_path / "sweeps" / "s" / "compile_cache")
+    assert a.run.name != b.run.name
+    base["train"]["compile_cache"] = "s3://bucket/compiled"
+    assert trial_config(sweep, base, {}, "t3").train.compile_cache == "s3://bucket/compiled"

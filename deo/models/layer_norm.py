@@ -3,12 +3,19 @@
 CUDA autocast runs ``layer_norm`` in float32: a bf16 activation is cast up (a copy), normalised in float32,
 written as float32 and cast down again by the next Linear (another copy), so every norm moves about five
 times the bytes of a bf16-in, bf16-out norm, and anything between the norm and the Linear (Swin's roll
-and window partition) moves float32. On one H100 the reference step spent 53 of its 332 ms in LayerNorm
-kernels alone (``bench/RESULTS.md``). The CUDA and CPU kernels accumulate mean and variance in float32
-whatever the input dtype, so normalising in the input's dtype loses only the rounding of the output,
-which the next Linear's autocast cast would round the same way. On CUDA, weight and bias are cast to the
-input's dtype as autocast casts a Linear's weight (their gradients come back in float32 through the cast).
-Without CUDA autocast, or for a float32 input, this is ``nn.LayerNorm`` (CPU autocast already keeps bf16).
+and window partition) moves float32. On one H100 the reference step spent 47 of its 332 ms in LayerNorm
+forward and backward (``bench/RESULTS.md``). The CUDA and CPU kernels accumulate mean and variance in
+float32 whatever the input dtype, so normalising in the input's dtype loses only the rounding of the
+output, which the next Linear's autocast cast would round the same way. On CUDA, weight and bias are cast
+to the input's dtype as autocast casts a Linear's weight: their gradients are accumulated in float32 by
+the kernel, rounded to bf16 (about 0.3 % of their largest magnitude, ``bench/layer_norm_bench.py``) and
+come back as float32 through the cast, as a Linear's weight gradients do under autocast.
+
+What changes downstream, on CUDA under autocast: the stage-1 residual stream of the student is bf16 (it
+was float32 after the patch embedding's norm; later stages already were bf16), and the final normalised
+tokens of the student, the EMA teacher and DINOv3 come out in bf16. The losses normalise and compare
+them in float32 as before. Without CUDA autocast, or for a float32 input, this is ``nn.LayerNorm`` (CPU
+autocast already keeps bf16).
 """
 
 from __future__ import annotations

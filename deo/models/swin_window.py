@@ -188,8 +188,12 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         mask, index, order = cache[key]
         n = win[0] * win[1]
         gather = order is not None and eager_gather
+        # unshifted windows as wide as the grid: the windows are the rows of tokens in order (no copy)
+        rows = gather and not any(shift) and win[1] == w
 
-        if gather:
+        if rows:
+            xw = x.reshape(-1, n, c)  # (B*nW, N, C)
+        elif gather:
             xw = permute_tokens(x.reshape(b, h * w, c), *order).view(-1, n, c)  # (B*nW, N, C)
         else:
             if any(shift):
@@ -206,6 +210,8 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
         out = window_attention(q, k, v, bias, mask, b, attn.attn_drop.p if self.training else 0.0)
         out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xw.shape[0], n, -1)))
 
+        if rows:
+            return out.view(b, h, w, c)
         if gather:
             return permute_tokens(out.view(b, h * w, c), order[1], order[0]).view(b, h, w, c)
         x = window_reverse(out.view(-1, win[0], win[1], c), win, h + pad_h, w + pad_w)[:, :h, :w, :]

@@ -223,7 +223,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             step += 1
             window_steps += 1
             position.advance(world, B)
-            if compiled is not None and main and (step == start_step + 1 or step % cfg.run.checkpoint_every == 0):
+            if compiled is not None and main and (step == start_step + 1 or step % cfg.run.checkpoint_every == 0
+                                                  or step == cfg.train.max_steps):
                 saved = compiled.save()  # what this process compiled since the last save, if anything
                 if saved:
                     print(f"compile cache: saved {saved}", flush=True)

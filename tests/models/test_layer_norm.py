@@ -56,3 +56,28 @@ def test_student_and_teacher_norms_are_converted(build):
     model = build()
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     assert norms and all(type(m) is InputDtypeLayerNorm for m in norms)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_under_cuda_autocast_bf16_stays_bf16_and_gradients_stay_close():
+    # the case this module exists for: CUDA autocast would normalise in float32 (bench/layer_norm_bench.py
+    # measures the same on a whole Swin stage's activations)
+    ref, ours = _pair()
+    ref, ours = ref.cuda().double(), ours.cuda()
+    x = (torch.randn(4096, 48, device="cuda") * 3 + 1).bfloat16()
+    g = torch.randn(4096, 48, device="cuda").bfloat16()
+    xo = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ours(xo)
+    y.backward(g)
+    xr = x.double().requires_grad_(True)
+    y_ref = ref(xr)
+    y_ref.backward(g.double())
+    assert y.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
+
+    def rel(a, b):
+        return float((a.double() - b).abs().max() / b.abs().max())
+
+    assert rel(y, y_ref) < 1e-2 and rel(xo.grad, xr.grad) < 1e-2
+    assert rel(ours.weight.grad, ref.weight.grad) < 1e-2 and rel(ours.bias.grad, ref.bias.grad) < 1e-2

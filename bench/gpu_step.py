@@ -28,8 +28,11 @@ so a timeout keeps what finished):
   ref_compile      the same with ``train.compile=true`` (regional: Swin blocks of student and EMA
                    teacher, one graph per stage/shift/crop size), cold Inductor cache; skipped when the
                    warm-up (compilation) exceeds ``--compile-warmup-s``
+                   (it saves what it compiled as a ``train.compile_cache`` bundle next to ``--out``)
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
   paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
+  ref_compile_bundles ref_compile in a process with EMPTY Inductor and Triton caches that loads
+                   ref_compile's bundle first: a resumed run or restarted worker on another machine
   ref_compile_warm ref_compile again, now with the Inductor cache ref_compile filled (a resumed run, or
                    a second worker on the node)
   paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [17, 23], checkpointing, if time is left
@@ -59,6 +62,7 @@ import torch  # noqa: E402
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.models.layer_norm import InputDtypeLayerNorm  # noqa: E402
 from deo.models.swin_window import AdaptiveWindowBlock  # noqa: E402
+from deo.train.compile_cache import CompileCache  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 
 from step_bench import REPO, TrainStep, summarise  # noqa: E402
@@ -81,13 +85,15 @@ VARIANTS: list[dict[str, Any]] = [
      "budget_s": 90},
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
     {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
-     "compile": True},
+     "compile": True, "cold": True},
     {"name": "paper_ckpt", "config": "paper.yaml",
      "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
                    "train.activation_checkpointing=true"], "budget_s": 100},
     {"name": "paper_nockpt", "config": "paper.yaml",
      "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
                    "train.activation_checkpointing=false"], "budget_s": 100},
+    {"name": "ref_compile_bundles", "config": "reference.yaml", "overrides": ["train.compile=true"],
+     "budget_s": 150, "compile": True, "fresh_caches": True},
     {"name": "ref_compile_warm", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
      "compile": True},
     {"name": "paper_vitl_ckpt", "config": "paper.yaml", "overrides": ["train.activation_checkpointing=true"],
@@ -247,6 +253,23 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        bundles = CompileCache(args.out + ".compile_cache") if v.get("compile") else None
+        if v.get("fresh_caches"):  # another machine: empty local caches, only the run's bundles
+            import tempfile
+
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+            os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
+            load_s = bundles.load()
+            rec.update(bundles_loaded=len(bundles.loaded), bundle_load_s=round(load_s, 2))
+        elif v.get("compile"):  # this script's own local caches: cold and warm mean what they say
+            local = Path(args.out + ".inductor")
+            if v.get("cold"):
+                import shutil
+
+                shutil.rmtree(local, ignore_errors=True)
+                shutil.rmtree(bundles.folder, ignore_errors=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
+            os.environ["TRITON_CACHE_DIR"] = str(local / "triton")
         runner = TrainStep(cfg, device, STATS)
         if v.get("unfused_blocks"):  # timm's roll / partition / reverse / roll and separate residual ops
             AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
@@ -294,6 +317,9 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             i += 1
             rec.update(warmup_step_s=warm)
             print(f"[{v['name']}] warm-up step {len(warm)}: {warm[-1]:.2f} s", flush=True)
+            if bundles is not None and not v.get("fresh_caches") and (saved := bundles.save()):
+                # what this run compiled, for ref_compile_bundles (kept even if the guard stops it next)
+                rec.update(bundle_saved_mb=round(os.path.getsize(saved) / 2**20, 1))
             if sum(warm) > limit:
                 rec.update(status=f"skipped: warm-up took {sum(warm):.0f} s > {limit:.0f} s")
                 return

@@ -34,7 +34,7 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
         assert -1.0 <= r["losses_last"]["compression"] <= 1.0
     assert v["paper_ckpt"]["activation_checkpointing"] and not v["paper_nockpt"]["activation_checkpointing"]
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
-    for name in ("ref_compile", "ref_compile_warm"):
+    for name in ("ref_compile", "ref_compile_bundles", "ref_compile_warm"):
         assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
     assert 0.0 <= v["ref_loader"]["data_wait"] < 1.0 and v["ref_loader"]["loader_threads"] >= 1
     ref = v["ref_eager"]

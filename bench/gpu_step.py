@@ -306,6 +306,9 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
                 step(i)
             i += 1
             rec.update(flops_per_step=fc.get_total_flops())
+        elif not v.get("loader"):
+            step(i)  # the same number of steps as ref_eager: losses_last compares across variants
+            i += 1
         warm: list[float] = []
         limit = args.compile_warmup_s if v.get("compile") else args.warmup_s
         while len(warm) < args.warmup:

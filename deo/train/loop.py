@@ -223,8 +223,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             step += 1
             window_steps += 1
             position.advance(world, B)
-            if compiled is not None and main and (step == start_step + 1 or step % cfg.run.checkpoint_every == 0
-                                                  or step == cfg.train.max_steps):
+            at_checkpoint = step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps
+            if compiled is not None and main and (step == start_step + 1 or at_checkpoint):
                 saved = compiled.save()  # what this process compiled since the last save, if anything
                 if saved:
                     print(f"compile cache: saved {saved}", flush=True)
@@ -259,7 +259,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             if cfg.probe.every and step % cfg.probe.every == 0 and step % cfg.run.checkpoint_every \
                     and step != cfg.train.max_steps:
                 runtime.report({"step": step, "epoch": position.epoch, **last, **probe_metrics})
-            if step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps:
+            if at_checkpoint:
                 if sums:  # steps since the last logging step: never checkpoint non-finite weights
                     _window_means(sums, window_steps, step)
                 state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,

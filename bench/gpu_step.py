@@ -19,16 +19,21 @@ so a timeout keeps what finished):
                    stochastic-depth multiply and residual add (``AdaptiveWindowBlock.fused = False``)
   ref_fp32_ln      ref_unfused with autocast's float32 LayerNorms instead of ``InputDtypeLayerNorm``: the
                    step as it was before both changes
+  ref_broadcast_bias ref_eager with the unshifted blocks' relative-position bias broadcast over the
+                   windows, as before the fourth session (SDPA then took its math path for half the blocks)
   ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
                    the loop checks the summed terms at logging steps instead)
   ref_loader       ref_eager fed by the real ``ShardLoader`` (pinned, ``--loader-threads`` decode threads)
                    from Parquet shards of random 256 px tiles written first on the machine's disk, never
                    re-reading a row: samples/s and data-wait, the share of the time the step waited on
                    the loader (issue 10: < 2 %)
-  ref_compile      the same with ``train.compile=true`` (regional: Swin blocks of student and EMA
-                   teacher, one graph per stage/shift/crop size), cold Inductor cache; skipped when the
+  ref_compile      the same with ``train.compile=true`` (regional: Swin blocks and patch mergings of
+                   student and EMA teacher, one graph per stage/shift/crop size, and DINOv3's blocks,
+                   one graph), cold Inductor cache, with a profile; skipped when the
                    warm-up (compilation) exceeds ``--compile-warmup-s``
                    (it saves what it compiled as a ``train.compile_cache`` bundle next to ``--out``)
+  ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs)
+  ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
   paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
   ref_compile_bundles ref_compile in a process with EMPTY Inductor and Triton caches that loads
@@ -81,11 +86,17 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_unfused", "config": "reference.yaml", "unfused_blocks": True, "baseline": True, "budget_s": 70},
     {"name": "ref_fp32_ln", "config": "reference.yaml", "unfused_blocks": True, "fp32_layer_norm": True,
      "baseline": True, "budget_s": 70},
+    {"name": "ref_broadcast_bias", "config": "reference.yaml", "broadcast_bias": True, "baseline": True,
+     "budget_s": 70},
     {"name": "ref_check_finite", "config": "reference.yaml", "with_check_finite": True, "baseline": True,
      "budget_s": 90},
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
     {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
-     "compile": True, "cold": True},
+     "compile": True, "cold": True, "profile": True},
+    {"name": "ref_compile_cudagraphs", "config": "reference.yaml",
+     "overrides": ["train.compile=true", "train.compile_mode=reduce-overhead"], "budget_s": 170, "compile": True},
+    {"name": "ref_compile_broadcast", "config": "reference.yaml", "overrides": ["train.compile=true"],
+     "broadcast_bias": True, "baseline": True, "budget_s": 170, "compile": True},
     {"name": "paper_ckpt", "config": "paper.yaml",
      "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
                    "train.activation_checkpointing=true"], "budget_s": 100},
@@ -191,11 +202,34 @@ def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 
+def host_bound_steps(step: Any, first: int, n: int, cuda: bool) -> dict[str, float]:
+    """Is the step bound by the host? ``n`` steps, each from an idle GPU: median ms for the host to enqueue
+    the step (``enqueue_ms``) and for the GPU to finish after that (``drain_ms``).
+
+    A drain near zero means the GPU ran out of queued work before the host finished (host-bound: fewer
+    kernels or CUDA graphs help, faster kernels do not); a long drain means the host ran ahead.
+    """
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # CPU (smoke): the drain is zero
+    enqueue, drain = [], []
+    for k in range(n):
+        sync()
+        t0 = time.perf_counter()
+        step(first + k)
+        t1 = time.perf_counter()
+        sync()
+        enqueue.append((t1 - t0) * 1e3)
+        drain.append((time.perf_counter() - t1) * 1e3)
+    med = sorted(enqueue)[n // 2], sorted(drain)[n // 2]
+    return {"steps": n, "enqueue_ms": round(med[0], 1), "drain_ms": round(med[1], 1)}
+
+
 def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> dict[str, Any]:
     """``torch.profiler`` over ``n`` steps: the ops and kernels with most device time, and how busy the GPU was.
 
     ``gpu_busy_ms_per_step`` sums the kernels' own time (overlap aside): far below the wall time means
     the GPU waits for the host (launch-bound), close to it means the kernels themselves are the cost.
+    ``attention_by_shape`` splits the attention and batched-matmul ops by input shapes: which SDPA
+    backend each window size gets, and whether any falls back to the math path (``bmm``).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -204,7 +238,7 @@ def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> d
     if cuda:
         torch.cuda.synchronize()
     w0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for k in range(n):
             step(first + k)
         if cuda:
@@ -218,6 +252,9 @@ def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> d
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     busy = sum(dev_us(e) for e in kernels) / n / 1e3
     rank = sorted(events, key=dev_us if cuda else (lambda e: e.self_cpu_time_total), reverse=True)[:top]
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True)
+                if e.device_type != DeviceType.CUDA and ("attention" in e.key or e.key == "aten::bmm")]
+    by_shape.sort(key=lambda e: getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total, reverse=True)
     return {
         "steps": n,
         "wall_ms_per_step": round(wall, 1),
@@ -228,6 +265,11 @@ def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> d
              "calls_per_step": round(e.count / n, 1), "device_ms_per_step": round(dev_us(e) / n / 1e3, 2),
              "cpu_ms_per_step": round(e.self_cpu_time_total / n / 1e3, 2)}
             for e in rank
+        ],
+        "attention_by_shape": [
+            {"name": e.key[:80], "shapes": str(e.input_shapes)[:200], "calls_per_step": round(e.count / n, 1),
+             "device_ms_per_step": round((getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total) / n / 1e3, 2)}
+            for e in by_shape[:30]
         ],
     }
 
@@ -273,6 +315,12 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         runner = TrainStep(cfg, device, STATS)
         if v.get("unfused_blocks"):  # timm's roll / partition / reverse / roll and separate residual ops
             AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
+        if v.get("broadcast_bias"):  # the window attention before the fourth session (this child only)
+            from window_attn_bench import broadcast_bias
+
+            from deo.models import swin_window
+
+            swin_window.window_attention = broadcast_bias
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side
             for m in runner.task.modules():
                 if type(m) is InputDtypeLayerNorm:
@@ -307,7 +355,11 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             i += 1
             rec.update(flops_per_step=fc.get_total_flops())
         elif not v.get("loader"):
+            w0 = time.perf_counter()
             step(i)  # the same number of steps as ref_eager: losses_last compares across variants
+            if cuda:
+                torch.cuda.synchronize()
+            rec.update(first_step_s=round(time.perf_counter() - w0, 2))  # compiled: the compile
             i += 1
         warm: list[float] = []
         limit = args.compile_warmup_s if v.get("compile") else args.warmup_s
@@ -363,6 +415,10 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         rec.update(status="ok", **res)
         print(f"[{v['name']}] {res['samples_per_s']:.1f} samples/s, step {res['step_ms_median']:.1f} ms "
               f"(median), peak {res.get('peak_mem_gib', 'n/a')} GiB, finite={res['loss_finite']}", flush=True)
+        if not loader:
+            n_host = 5 if cuda else 1
+            rec.update(host_bound=host_bound_steps(step, i, n_host, cuda))
+            i += n_host
         if v.get("profile"):
             rec.update(profile=profile_steps(step, i, 2, cuda))
             i += 2

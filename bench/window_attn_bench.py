@@ -6,7 +6,9 @@ trunk) under bf16 autocast at the reference config's two view sets: 128 global v
 computes attention inside the windows (``deo.models.swin_window.window_attention``) changes between
 rows:
 
-    sdpa             the project's: SDPA with the bias + shifted mask repeated per image (B*nW, heads, N, N)
+    sdpa             the project's: SDPA with the bias (+ shifted mask) materialised per window (B*nW, heads, N, N)
+    sdpa_broadcast   as before the fourth session: unshifted blocks broadcast the bias over the windows,
+                     which SDPA's fused kernels refuse (math path)
     sdpa_efficient   the same, SDPA restricted to the memory-efficient kernel
     sdpa_cudnn       the same, SDPA restricted to cuDNN attention
     sdpa_math        the same, SDPA restricted to the math (unfused) path
@@ -59,9 +61,18 @@ def _backend(name: str) -> Callable[..., torch.Tensor]:
     return impl
 
 
-def explicit(q, k, v, bias, mask, images, dropout_p=0.0):  # noqa: ANN001, ANN201
+def broadcast_bias(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
+    """SDPA as before the fourth session: without a mask, the bias broadcast over windows (math path)."""
+    bias = bias.unsqueeze(0).to(q.dtype)
+    if mask is not None:
+        bias = (bias + mask.unsqueeze(1).to(q.dtype)).repeat(q.shape[0] // mask.shape[0], 1, 1, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+def explicit(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
     """Scores (B*nW, heads, N, N) with the mask broadcast over images instead of repeated."""
     n = q.shape[-2]
+    images = q.shape[0] // mask.shape[0] if mask is not None else 1
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         nw = mask.shape[0]
@@ -80,7 +91,7 @@ def _flex() -> Callable[..., torch.Tensor]:
 
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def impl(q, k, v, bias, mask, images, dropout_p=0.0):  # noqa: ANN001, ANN202
+    def impl(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN202
         n = q.shape[-2]
         m = mask if mask is not None else torch.zeros((1, n, n), device=q.device)
         m = m.to(q.dtype)
@@ -95,13 +106,14 @@ def _flex() -> Callable[..., torch.Tensor]:
     return impl
 
 
-def none(q, k, v, bias, mask, images, dropout_p=0.0):  # noqa: ANN001, ANN201
+def none(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
     """No attention: the rest of the block alone."""
     return v + 0 * bias.sum()
 
 
 IMPLS: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
     "sdpa": lambda: ORIGINAL,
+    "sdpa_broadcast": lambda: broadcast_bias,
     "sdpa_efficient": lambda: _backend("EFFICIENT_ATTENTION"),
     "sdpa_cudnn": lambda: _backend("CUDNN_ATTENTION"),
     "sdpa_math": lambda: _backend("MATH"),

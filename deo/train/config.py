@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from deo.config import nested, option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -49,7 +50,14 @@ class TrainConfig:
     grad_accum: int = option(1, help="gradient accumulation micro-steps per optimizer step")
     activation_checkpointing: bool = option(False, help="recompute Swin blocks in backward (memory mode)")
     precision: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
-    compile: bool = option(False, help="torch.compile each Swin block (regional compilation; GPU)")
+    compile: bool = option(
+        False, help="torch.compile block by block: Swin blocks and patch mergings, DINOv3 blocks (GPU)"
+    )
+    compile_mode: str = option(
+        "default",
+        help="torch.compile mode of train.compile: default, reduce-overhead (CUDA graphs: fewer kernel "
+        "launches from the host), max-autotune-no-cudagraphs or max-autotune (slower to compile)",
+    )
     compile_cache: str = option(
         "",
         help="folder (local or s3://) of the compiled code saved by train.compile, loaded at start so "
@@ -75,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"train.data_order must be lanes or global, got {self.data_order!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.loader_threads < 0:
             raise ValueError(f"train.loader_threads must be >= 0 (0: automatic), got {self.loader_threads}")
         for k in ("max_steps", "batch_size", "grad_accum"):

@@ -70,16 +70,17 @@ def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: tor
 
 
 def configure_student(student: torch.nn.Module, cfg: PretrainConfig, backend: str = "inductor",
-                      ema_student: torch.nn.Module | None = None) -> None:
-    """Memory mode (activation checkpointing) and regional compilation of the Swin blocks.
+                      ema_student: torch.nn.Module | None = None,
+                      teacher: torch.nn.Module | None = None) -> None:
+    """Memory mode (activation checkpointing) and regional compilation (``train.compile``).
 
-    Compiling block by block compiles a handful of distinct graphs, where compiling the whole student
-    did not finish its first step in minutes (issue 10). Blocks of one stage and shift share their
-    graphs (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop size for any Swin depth. The
-    EMA teacher's blocks (``ema_student``) are compiled too: their no-grad graphs are forward only.
+    Compiling region by region compiles a handful of distinct graphs, where compiling the whole student
+    did not finish its first step in minutes (issue 10). The regions are the Swin blocks and patch
+    mergings of the student and of the EMA teacher (``ema_student``: forward-only graphs), and the
+    blocks of the frozen DINOv3 ``teacher`` (one forward-only graph for all of them: Inductor fuses
+    its float32 RoPE into the bf16 attention inputs). Blocks of one stage and shift share their graphs
+    (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop size for any Swin depth.
     """
-    from timm.models.swin_transformer import SwinTransformerBlock
-
     if cfg.train.activation_checkpointing:
         student.swin.set_grad_checkpointing(True)
     if cfg.train.compile:
@@ -87,10 +88,24 @@ def configure_student(student: torch.nn.Module, cfg: PretrainConfig, backend: st
 
         # (stage, shift, crop size, grad mode) graphs: above Dynamo's default limit of 8 per code object
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for module in (student, ema_student):
-            for block in module.modules() if module is not None else ():
-                if isinstance(block, SwinTransformerBlock):
-                    block.compile(backend=backend, dynamic=False)
+        mode = {} if backend != "inductor" or cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
+        for region in compiled_regions(student, ema_student, teacher):
+            region.compile(backend=backend, dynamic=False, **mode)
+
+
+def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
+    """Whether ``train.compile_mode`` records CUDA graphs (then every step starts with
+    ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused)."""
+    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+def compiled_regions(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The submodules of ``modules`` that ``train.compile`` compiles one by one (see configure_student)."""
+    from timm.models.eva import EvaBlock
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+
+    kinds = (SwinTransformerBlock, PatchMerging, EvaBlock)
+    return [m for module in modules if module is not None for m in module.modules() if isinstance(m, kinds)]
 
 
 def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
@@ -123,7 +138,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     # finiteness is checked on the window's summed terms at logging and checkpoint steps, not per step:
     # a per-step check is a host sync (2 % of an H100 step, bench/RESULTS.md)
     task = DEOTask(cfg, device=device, check_finite=False)
-    configure_student(task.trainable.student, cfg, ema_student=task.ema.module.student)
+    configure_student(task.trainable.student, cfg, ema_student=task.ema.module.student,
+                      teacher=task.teacher)
     compiled = CompileCache.for_run(cfg.train.compile_cache, run_uri, device) if cfg.train.compile else None
     if compiled is not None:
         seconds = compiled.load()
@@ -136,6 +152,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
     optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
     amp_dtype = autocast_dtype(cfg.train.precision, device)
+    cuda_graphs = uses_cuda_graphs(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedules = Schedules.from_config(cfg.train)
     decode_threads = cfg.train.loader_threads or max(1, min(8, int(cfg.scaling.cpus_per_worker) // 2))
@@ -197,6 +214,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                 g["lr"] = lr
                 g["weight_decay"] = wd if g["apply_wd"] else 0.0
             ids = batch.pop("sample_id")
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
             task.train()

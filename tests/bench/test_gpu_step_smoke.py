@@ -24,8 +24,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == summary["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
-    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_check_finite", "ref_loader", "paper_ckpt", "paper_nockpt",
-                 "paper_vitl_ckpt"):
+    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_check_finite", "ref_loader",
+                 "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
         r = v[name]
         assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
         assert r["loss_finite"] is True
@@ -34,10 +34,11 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
         assert -1.0 <= r["losses_last"]["compression"] <= 1.0
     assert v["paper_ckpt"]["activation_checkpointing"] and not v["paper_nockpt"]["activation_checkpointing"]
     # the baselines run the code each change replaced, over the same steps: the same losses (fp32 CPU)
-    for name in ("ref_unfused", "ref_fp32_ln"):
+    for name in ("ref_unfused", "ref_fp32_ln", "ref_broadcast_bias"):
         assert v[name]["losses_last"] == pytest.approx(v["ref_eager"]["losses_last"], rel=1e-4, abs=1e-5), name
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
-    for name in ("ref_compile", "ref_compile_bundles", "ref_compile_warm"):
+    for name in ("ref_compile", "ref_compile_cudagraphs", "ref_compile_broadcast", "ref_compile_bundles",
+                 "ref_compile_warm"):
         assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
     assert 0.0 <= v["ref_loader"]["data_wait"] < 1.0 and v["ref_loader"]["loader_threads"] >= 1
     ref = v["ref_eager"]
@@ -45,6 +46,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     assert v["ref_check_finite"]["with_check_finite"]["samples_per_s"] > 0
     prof = ref["profile"]
     assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0 and len(prof["top_by_device_time"]) > 10
+    assert any(r["name"] == "aten::scaled_dot_product_attention" for r in prof["attention_by_shape"])
+    assert ref["host_bound"]["steps"] == 1 and ref["host_bound"]["enqueue_ms"] > 0
     # the trainable count is the task's, built independently
     cfg = gpu_step.variant_config(gpu_step.VARIANTS[0], smoke=True, batch=4)
     task = DEOTask(cfg)

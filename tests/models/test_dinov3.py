@@ -79,3 +79,32 @@ def test_random_teacher_warns_and_is_frozen():
     assert not teacher.training and not teacher.vit.training
     cls, _ = teacher(torch.randn(1, 3, 32, 32, requires_grad=True))
     assert not cls.requires_grad
+
+
+def test_compiled_teacher_blocks_share_one_graph_and_match_eager():
+    """train.compile compiles DINOv3 block by block: every block shares one forward-only graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from deo.train.config import PretrainConfig
+    from deo.train.loop import compiled_regions, configure_student
+
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        teacher = build_teacher(TeacherConfig(layers=[1, 3]))
+    x = torch.randn(2, 3, 32, 32)
+    want_cls, want_patches = teacher(x)
+    cfg = PretrainConfig()
+    cfg.train.compile = True
+    student = torch.nn.Module()
+    student.swin = torch.nn.Module()  # no Swin regions: this test looks at the teacher's alone
+    configure_student(student, cfg, backend="eager", teacher=teacher)
+    assert len(compiled_regions(teacher)) == len(teacher.vit.blocks) == 4
+    for _ in range(2):
+        cls, patches = teacher(x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(cls, want_cls)
+    for got, want in zip(patches, want_patches, strict=True):
+        torch.testing.assert_close(got, want)

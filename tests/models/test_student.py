@@ -142,18 +142,18 @@ def test_compiled_blocks_of_a_stage_share_graphs():
         s.pooled(torch.randn(2, 10, size, size), "ms").sum().backward()
     blocks = sum(len(stage.blocks) for stage in s.swin.layers)
     # per crop size: 4 stages x (even, odd shift) blocks = 8 graphs, whatever the depth (a graph per
-    # block would be 12 per size here, 24 for Swin-B)
+    # block would be 12 per size here, 24 for Swin-B), and the 3 patch mergings
     assert blocks == 12
-    assert counters["stats"]["unique_graphs"] == 2 * 8
+    assert counters["stats"]["unique_graphs"] == 2 * (8 + 3)
     assert not counters["recompiles"]
-    # a no-grad pass (the EMA teacher's) adds its 8 forward graphs once; repeating any pass compiles
+    # a no-grad pass (the EMA teacher's) adds its 8 + 3 forward graphs once; repeating any pass compiles
     # nothing more (the block's mask cache must not be guarded: torch 2.11 recompiled once it filled)
     for _ in range(2):
         with torch.no_grad():
             s.pooled(torch.randn(2, 10, 64, 64), "ms")
         for size in (64, 32):
             s.pooled(torch.randn(2, 10, size, size), "ms").sum().backward()
-    assert counters["stats"]["unique_graphs"] == 3 * 8
+    assert counters["stats"]["unique_graphs"] == 3 * (8 + 3)
     assert not counters["recompiles"] and not counters["graph_break"]
 
 
@@ -187,3 +187,37 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
     # the draws dropped branches (the addcmul's zero scale is exercised): unlike the no-drop output
     with torch.no_grad():
         assert not torch.allclose(y_f, stage.eval()(x), atol=1e-3)
+
+
+def test_window_attention_gives_sdpa_one_bias_per_window(monkeypatch):
+    """Every block hands SDPA a (windows, heads, N, N) bias, never one broadcast over windows: with a
+    broadcast bias the fused CUDA kernels refuse it and SDPA takes its math path (4x slower forward on
+    an H100). The values equal q k^T / sqrt(d) + bias (+ mask), softmax, @ v."""
+    import torch.nn.functional as F
+
+    from deo.models import swin_window
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape[0], tuple(attn_mask.shape), attn_mask.stride(0)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(swin_window.F, "scaled_dot_product_attention", spy)
+    images, nw, heads, n, hd = 3, 4, 2, 9, 8
+    q, k, v = (torch.randn(images * nw, heads, n, hd) for _ in range(3))
+    bias, mask = torch.randn(heads, n, n), torch.randn(nw, n, n)
+    for m in (None, mask):
+        out = swin_window.window_attention(q, k, v, bias, m)
+        scores = (q @ k.transpose(-2, -1)) * hd**-0.5 + bias
+        if m is not None:
+            scores = scores + m.repeat(images, 1, 1).unsqueeze(1)
+        torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    assert seen == [(images * nw, (images * nw, heads, n, n), heads * n * n)] * 2
+
+    # and inside the Swin blocks, shifted and not, global and local grids
+    seen.clear()
+    swin = build_swin("swin_deo_tiny", 64)
+    swin.layers(torch.randn(2, 16, 16, 32))
+    assert seen and all(b == shape[0] and stride > 0 for b, shape, stride in seen)

@@ -139,9 +139,9 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", load)
     real_configure = loop.configure_student
 
-    def configure(student, cfg, backend="inductor", ema_student=None):  # Dynamo without a compiler
+    def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):  # Dynamo, no compiler
         compiled_keys.append("graphs")
-        real_configure(student, cfg, backend="eager", ema_student=ema_student)
+        real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
 
     monkeypatch.setattr(loop, "configure_student", configure)
     cfg = tiny_cfg(sample_shards, tmp_path, "compiled", "train.max_steps=2", "run.checkpoint_every=2",

@@ -152,3 +152,28 @@ def test_sar_rows_only_and_gradient_through_the_sar_embedding(bigearthnet_sar_sh
               student.embeds["ms"].proj.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert student.embeds["optical"].proj.weight.grad is None  # SAR is MSAD's partner, not optical
+
+
+def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatch):
+    """train.compile_mode is checked, handed to each region's torch.compile, and a CUDA-graph mode
+    makes every step begin with cudagraph_mark_step_begin (the loop and the GPU benchmark ask for it)."""
+    from deo.models.student import build_student
+    from deo.train.loop import compiled_regions, configure_student, uses_cuda_graphs
+
+    base = read_yaml(REPO / "configs/pretrain/default.yaml")
+    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+        build_config(PretrainConfig, base, ["train.compile_mode=fast"])
+    cfg = build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    assert uses_cuda_graphs(cfg)
+    assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile=true"]))
+    assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]))
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    student = build_student(cfg.model)
+    configure_student(student, cfg)
+    assert len(calls) == len(compiled_regions(student)) == 10 + 3  # tiny Swin: blocks and patch mergings
+    assert all(kw == {"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"} for _, kw in calls)
+    calls.clear()
+    configure_student(student, cfg, backend="eager")  # another backend: no mode (torch.compile refuses both)
+    assert all("mode" not in kw for _, kw in calls)

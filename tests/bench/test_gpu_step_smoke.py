@@ -48,6 +48,9 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0 and len(prof["top_by_device_time"]) > 10
     assert any(r["name"] == "aten::scaled_dot_product_attention" for r in prof["attention_by_shape"])
     assert ref["host_bound"]["steps"] == 1 and ref["host_bound"]["enqueue_ms"] > 0
+    # the real variants: eager ones stay eager although reference.yaml compiles
+    real = {v["name"]: gpu_step.variant_config(v, smoke=False, batch=64) for v in gpu_step.VARIANTS}
+    assert all(c.train.compile == ("compile" in name) for name, c in real.items())
     # the trainable count is the task's, built independently
     cfg = gpu_step.variant_config(gpu_step.VARIANTS[0], smoke=True, batch=4)
     task = DEOTask(cfg)

@@ -32,14 +32,14 @@ so a timeout keeps what finished):
                    one graph), cold Inductor cache, with a profile; skipped when the
                    warm-up (compilation) exceeds ``--compile-warmup-s``
                    (it saves what it compiled as a ``train.compile_cache`` bundle next to ``--out``)
-  ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs)
-  ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
-  paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
-  paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
   ref_compile_bundles ref_compile in a process with EMPTY Inductor and Triton caches that loads
                    ref_compile's bundle first: a resumed run or restarted worker on another machine
   ref_compile_warm ref_compile again, now with the Inductor cache ref_compile filled (a resumed run, or
                    a second worker on the node)
+  ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs)
+  ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
+  paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
+  paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
   paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [17, 23], checkpointing, if time is left
 
     python bench/gpu_step.py --out $OUT/gpu.json           # H100: about 8 minutes (budget 560 s)
@@ -93,6 +93,10 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
     {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
      "compile": True, "cold": True, "profile": True},
+    {"name": "ref_compile_bundles", "config": "reference.yaml", "overrides": ["train.compile=true"],
+     "budget_s": 150, "compile": True, "fresh_caches": True},
+    {"name": "ref_compile_warm", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
+     "compile": True},
     {"name": "ref_compile_cudagraphs", "config": "reference.yaml",
      "overrides": ["train.compile=true", "train.compile_mode=reduce-overhead"], "budget_s": 170, "compile": True},
     {"name": "ref_compile_broadcast", "config": "reference.yaml", "overrides": ["train.compile=true"],
@@ -103,10 +107,6 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "paper_nockpt", "config": "paper.yaml",
      "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
                    "train.activation_checkpointing=false"], "budget_s": 100},
-    {"name": "ref_compile_bundles", "config": "reference.yaml", "overrides": ["train.compile=true"],
-     "budget_s": 150, "compile": True, "fresh_caches": True},
-    {"name": "ref_compile_warm", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
-     "compile": True},
     {"name": "paper_vitl_ckpt", "config": "paper.yaml", "overrides": ["train.activation_checkpointing=true"],
      "budget_s": 110},
 ]
@@ -323,6 +323,9 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             from deo.models import swin_window
 
             swin_window.window_attention = broadcast_bias
+        from deo.models import swin_window as _sw
+
+        rec.update(window_attention=_sw.window_attention.__name__)
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side
             for m in runner.task.modules():
                 if type(m) is InputDtypeLayerNorm:
@@ -374,7 +377,7 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             i += 1
             rec.update(warmup_step_s=warm)
             print(f"[{v['name']}] warm-up step {len(warm)}: {warm[-1]:.2f} s", flush=True)
-            if bundles is not None and not v.get("fresh_caches") and (saved := bundles.save()):
+            if bundles is not None and v.get("cold") and (saved := bundles.save()):
                 # what this run compiled, for ref_compile_bundles (kept even if the guard stops it next)
                 rec.update(bundle_saved_mb=round(os.path.getsize(saved) / 2**20, 1))
             if sum(warm) > limit:

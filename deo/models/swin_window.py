@@ -97,8 +97,8 @@ def window_attention(
     if mask is not None:
         bias = bias + mask.unsqueeze(1).to(q.dtype)  # (nW, heads, N, N)
     # one bias per window (window w of every image gets mask[w]), materialised: SDPA's memory-efficient
-    # and cuDNN kernels refuse a bias broadcast over the windows and fall back to the math path, 4x
-    # slower on an H100 (torch 2.11, bench/RESULTS.md)
+    # and cuDNN kernels refuse a bias broadcast over the windows and fall back to the math path (3.6x
+    # slower forward on an H100, torch 2.11, bench/RESULTS.md)
     bias = bias.repeat(q.shape[0] // bias.shape[0], 1, 1, 1)  # (images * nW, heads, N, N)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 

@@ -8,6 +8,7 @@ from deo.config import nested, option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -90,6 +91,11 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # a second micro-step replays the graphs whose memory holds the first one's gradients
+            raise ValueError(
+                f"train.compile_mode={self.compile_mode} (CUDA graphs) needs train.grad_accum=1, got {self.grad_accum}"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"

@@ -26,7 +26,7 @@ from deo.io.shards import ShardDataset
 from deo.train import checkpoint as ckpt
 from deo.train import parallel
 from deo.train.compile_cache import CompileCache
-from deo.train.config import PretrainConfig
+from deo.train.config import CUDA_GRAPH_MODES, PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
 from deo.train.schedules import Schedules
@@ -96,7 +96,7 @@ def configure_student(student: torch.nn.Module, cfg: PretrainConfig, backend: st
 def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
     """Whether ``train.compile_mode`` records CUDA graphs (then every step starts with
     ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused)."""
-    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
 
 
 def compiled_regions(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:

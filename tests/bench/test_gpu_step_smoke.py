@@ -34,6 +34,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
         assert -1.0 <= r["losses_last"]["compression"] <= 1.0
     assert v["paper_ckpt"]["activation_checkpointing"] and not v["paper_nockpt"]["activation_checkpointing"]
     # the baselines run the code each change replaced, over the same steps: the same losses (fp32 CPU)
+    assert v["ref_broadcast_bias"]["window_attention"] == "broadcast_bias"  # the old code really ran
+    assert v["ref_eager"]["window_attention"] == "window_attention"
     for name in ("ref_unfused", "ref_fp32_ln", "ref_broadcast_bias"):
         assert v[name]["losses_last"] == pytest.approx(v["ref_eager"]["losses_last"], rel=1e-4, abs=1e-5), name
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them

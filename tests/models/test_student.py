@@ -191,8 +191,8 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
 
 def test_window_attention_gives_sdpa_one_bias_per_window(monkeypatch):
     """Every block hands SDPA a (windows, heads, N, N) bias, never one broadcast over windows: with a
-    broadcast bias the fused CUDA kernels refuse it and SDPA takes its math path (4x slower forward on
-    an H100). The values equal q k^T / sqrt(d) + bias (+ mask), softmax, @ v."""
+    broadcast bias the fused CUDA kernels refuse it and SDPA takes its math path (3.6x slower forward
+    on an H100). The values equal q k^T / sqrt(d) + bias (+ mask), softmax, @ v."""
     import torch.nn.functional as F
 
     from deo.models import swin_window

@@ -157,3 +157,25 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
     out = capsys.readouterr().out
     assert "compile cache: loaded 1 bundle(s)" in out and "compile cache: saved" not in out  # nothing new
     assert len(list((tmp_path / "compiled" / "compile_cache").glob("*/*.bin"))) == 1
+
+
+def test_cuda_graph_mode_marks_the_beginning_of_every_step(sample_shards, tmp_path, monkeypatch):
+    """train.compile_mode=reduce-overhead: each optimizer step starts with cudagraph_mark_step_begin, so
+    CUDA-graph trees may reuse the previous step's graph memory (compiled here by Dynamo alone, on CPU)."""
+    import deo.train.loop as loop
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    real_configure = loop.configure_student
+
+    def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):
+        real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
+
+    monkeypatch.setattr(loop, "configure_student", configure)
+    cfg = tiny_cfg(sample_shards, tmp_path, "graphs", "train.max_steps=3", "run.checkpoint_every=3",
+                   "train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_cache=" + str(tmp_path / "cc"))
+    assert run(cfg, tmp_path).steps == 3
+    assert len(marks) == 3
+    marks.clear()
+    run(tiny_cfg(sample_shards, tmp_path, "plain", "train.max_steps=2", "train.compile=true"), tmp_path)
+    assert not marks  # the default mode records no graphs

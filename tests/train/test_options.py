@@ -155,8 +155,8 @@ def test_sar_rows_only_and_gradient_through_the_sar_embedding(bigearthnet_sar_sh
 
 
 def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatch):
-    """train.compile_mode is checked, handed to each region's torch.compile, and a CUDA-graph mode
-    makes every step begin with cudagraph_mark_step_begin (the loop and the GPU benchmark ask for it)."""
+    """train.compile_mode is checked and handed to each region's torch.compile (tests/train/test_loop.py
+    checks that a CUDA-graph mode marks every step)."""
     from deo.models.student import build_student
     from deo.train.loop import compiled_regions, configure_student, uses_cuda_graphs
 
@@ -167,6 +167,9 @@ def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatc
     assert uses_cuda_graphs(cfg)
     assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile=true"]))
     assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]))
+    with pytest.raises(ValueError, match="needs train.grad_accum=1"):
+        build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=max-autotune",
+                                            "train.grad_accum=2"])
 
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))

@@ -221,3 +221,27 @@ def test_window_attention_gives_sdpa_one_bias_per_window(monkeypatch):
     swin = build_swin("swin_deo_tiny", 64)
     swin.layers(torch.randn(2, 16, 16, 32))
     assert seen and all(b == shape[0] and stride > 0 for b, shape, stride in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_window_attention_matches_the_math_path_with_bias_gradients_on_cuda():
+    """On CUDA, every block's attention takes a fused SDPA kernel (not the math path), and its outputs and
+    its gradients (inputs and the relative-position bias table) match the math path in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    swin = build_swin("swin_tiny_patch4_window7_224", 224).cuda()
+    stage = swin.layers[0]  # 56 x 56 grid, windows 7: one plain and one shifted block
+    x = torch.randn(4, 56, 56, stage.dim, device="cuda")
+    runs = {}
+    for name, backends in (("fused", [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]),
+                           ("math", [SDPBackend.MATH])):
+        swin.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = stage(xi)  # raises "No available kernel" if a block's bias is refused by both
+        out.float().square().mean().backward()
+        table = stage.blocks[1].attn.relative_position_bias_table.grad
+        runs[name] = (out.float(), xi.grad, table.clone())
+    for got, want in zip(runs["fused"], runs["math"], strict=True):
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-2

@@ -141,9 +141,15 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
             node[section[-1]] = raw
             continue
         tp = keys[key][0]
-        value: Any = yaml.safe_load(raw) if raw != "" else ""
-        if raw.strip().lower() in ("null", "none", "~"):
-            value = None
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        if tp is str and not quoted:
+            # names, paths and URIs stay as typed: YAML reads 27997_00000 (a Tune trial id) as the
+            # integer 2799700000, and 1e3 or 0x1f as numbers
+            value: Any = raw
+        else:
+            value = yaml.safe_load(raw) if raw != "" else ""
+            if raw.strip().lower() in ("null", "none", "~"):
+                value = None
         if _is_list_type(tp) and value is not None and not isinstance(value, list):
             value = [value]  # a bare value is a one-item list
         if isinstance(value, list):

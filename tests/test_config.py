@@ -56,3 +56,15 @@ def test_help_lists_every_key():
     text = help_text(PretrainConfig)
     for key in ("loss.alpha1", "loss.gamma", "scaling.num_workers", "teacher.weights", "probe.every"):
         assert key in text
+
+
+def test_string_overrides_stay_as_typed():
+    """A str key keeps its text: YAML would read a Tune trial id like 27997_00000 as 2799700000, which
+    once sent a sweep trial's run folder to trials/2799700000 while its results named 27997_00000."""
+    from deo.train.config import PretrainConfig
+
+    for raw in ("27997_00000", "1e3", "0x1f", "007", "true", "null"):
+        cfg = build_config(PretrainConfig, None, [f"run.name={raw}"])
+        assert cfg.run.name == raw
+    assert build_config(PretrainConfig, None, ['run.name="quoted name"']).run.name == "quoted name"
+    assert build_config(PretrainConfig, None, ["train.lr=1e-3"]).train.lr == 1e-3  # numbers still parse

@@ -35,7 +35,7 @@ from deo.data.loader import fill_true_colour  # noqa: E402
 from deo.data.multicrop import MultiCrop  # noqa: E402
 from deo.train import parallel  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
-from deo.train.loop import autocast_dtype, build_optimizer, configure_student, uses_cuda_graphs  # noqa: E402
+from deo.train.loop import autocast_dtype, build_optimizer, configure_models, uses_cuda_graphs  # noqa: E402
 from deo.train.schedules import Schedules  # noqa: E402
 from deo.train.task import DEOTask  # noqa: E402
 
@@ -112,8 +112,8 @@ class TrainStep:
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.device = cfg, device
         self.task = DEOTask(cfg, device=device, check_finite=check_finite)
-        configure_student(self.task.trainable.student, cfg, ema_student=self.task.ema.module.student,
-                          teacher=self.task.teacher)
+        configure_models(self.task.trainable.student, cfg, ema_student=self.task.ema.module.student,
+                         teacher=self.task.teacher)
         if strategy:
             parallel.distribute(self.task, strategy, device)
         self.augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)

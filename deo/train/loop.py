@@ -69,16 +69,17 @@ def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: tor
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
 
 
-def configure_student(student: torch.nn.Module, cfg: PretrainConfig, backend: str = "inductor",
-                      ema_student: torch.nn.Module | None = None,
-                      teacher: torch.nn.Module | None = None) -> None:
+def configure_models(student: torch.nn.Module, cfg: PretrainConfig, backend: str = "inductor",
+                     ema_student: torch.nn.Module | None = None,
+                     teacher: torch.nn.Module | None = None) -> None:
     """Memory mode (activation checkpointing) and regional compilation (``train.compile``).
 
     Compiling region by region compiles a handful of distinct graphs, where compiling the whole student
     did not finish its first step in minutes (issue 10). The regions are the Swin blocks and patch
     mergings of the student and of the EMA teacher (``ema_student``: forward-only graphs), and the
-    blocks of the frozen DINOv3 ``teacher`` (one forward-only graph for all of them: Inductor fuses
-    its float32 RoPE into the bf16 attention inputs). Blocks of one stage and shift share their graphs
+    blocks of the frozen DINOv3 ``teacher`` (one forward-only graph for all of them; its float32 RoPE
+    and token concatenations were the largest non-matmul costs of the eager teacher). Blocks of one
+    stage and shift share their graphs
     (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop size for any Swin depth.
     """
     if cfg.train.activation_checkpointing:
@@ -100,7 +101,7 @@ def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
 
 
 def compiled_regions(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:
-    """The submodules of ``modules`` that ``train.compile`` compiles one by one (see configure_student)."""
+    """The submodules of ``modules`` that ``train.compile`` compiles one by one (see configure_models)."""
     from timm.models.eva import EvaBlock
     from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
@@ -138,8 +139,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     # finiteness is checked on the window's summed terms at logging and checkpoint steps, not per step:
     # a per-step check is a host sync (2 % of an H100 step, bench/RESULTS.md)
     task = DEOTask(cfg, device=device, check_finite=False)
-    configure_student(task.trainable.student, cfg, ema_student=task.ema.module.student,
-                      teacher=task.teacher)
+    configure_models(task.trainable.student, cfg, ema_student=task.ema.module.student,
+                     teacher=task.teacher)
     compiled = CompileCache.for_run(cfg.train.compile_cache, run_uri, device) if cfg.train.compile else None
     if compiled is not None:
         seconds = compiled.load()

@@ -87,7 +87,7 @@ def test_compiled_teacher_blocks_share_one_graph_and_match_eager():
     from torch._dynamo.utils import counters
 
     from deo.train.config import PretrainConfig
-    from deo.train.loop import compiled_regions, configure_student
+    from deo.train.loop import compiled_regions, configure_models
 
     torch._dynamo.reset()
     counters.clear()
@@ -99,7 +99,7 @@ def test_compiled_teacher_blocks_share_one_graph_and_match_eager():
     cfg.train.compile = True
     student = torch.nn.Module()
     student.swin = torch.nn.Module()  # no Swin regions: this test looks at the teacher's alone
-    configure_student(student, cfg, backend="eager", teacher=teacher)
+    configure_models(student, cfg, backend="eager", teacher=teacher)
     assert len(compiled_regions(teacher)) == len(teacher.vit.blocks) == 4
     for _ in range(2):
         cls, patches = teacher(x)

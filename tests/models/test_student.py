@@ -130,14 +130,14 @@ def test_compiled_blocks_of_a_stage_share_graphs():
     from torch._dynamo.utils import counters
 
     from deo.train.config import PretrainConfig
-    from deo.train.loop import configure_student
+    from deo.train.loop import configure_models
 
     torch._dynamo.reset()
     counters.clear()
     s = build_student(ModelConfig(student="swin_tiny_patch4_window7_224", drop_path=0.1), img_size=64).train()
     cfg = PretrainConfig()
     cfg.train.compile = True
-    configure_student(s, cfg, backend="eager")
+    configure_models(s, cfg, backend="eager")
     for size in (64, 32):
         s.pooled(torch.randn(2, 10, size, size), "ms").sum().backward()
     blocks = sum(len(stage.blocks) for stage in s.swin.layers)

@@ -137,13 +137,13 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
 
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", save)
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", load)
-    real_configure = loop.configure_student
+    real_configure = loop.configure_models
 
     def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):  # Dynamo, no compiler
         compiled_keys.append("graphs")
         real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
 
-    monkeypatch.setattr(loop, "configure_student", configure)
+    monkeypatch.setattr(loop, "configure_models", configure)
     cfg = tiny_cfg(sample_shards, tmp_path, "compiled", "train.max_steps=2", "run.checkpoint_every=2",
                    "train.compile=true")
     run(cfg, tmp_path)
@@ -166,12 +166,12 @@ def test_cuda_graph_mode_marks_the_beginning_of_every_step(sample_shards, tmp_pa
 
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    real_configure = loop.configure_student
+    real_configure = loop.configure_models
 
     def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):
         real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
 
-    monkeypatch.setattr(loop, "configure_student", configure)
+    monkeypatch.setattr(loop, "configure_models", configure)
     cfg = tiny_cfg(sample_shards, tmp_path, "graphs", "train.max_steps=3", "run.checkpoint_every=3",
                    "train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_cache=" + str(tmp_path / "cc"))
     assert run(cfg, tmp_path).steps == 3

@@ -158,7 +158,7 @@ def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatc
     """train.compile_mode is checked and handed to each region's torch.compile (tests/train/test_loop.py
     checks that a CUDA-graph mode marks every step)."""
     from deo.models.student import build_student
-    from deo.train.loop import compiled_regions, configure_student, uses_cuda_graphs
+    from deo.train.loop import compiled_regions, configure_models, uses_cuda_graphs
 
     base = read_yaml(REPO / "configs/pretrain/default.yaml")
     with pytest.raises(ValueError, match="train.compile_mode must be one of"):
@@ -174,9 +174,9 @@ def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatc
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
     student = build_student(cfg.model)
-    configure_student(student, cfg)
+    configure_models(student, cfg)
     assert len(calls) == len(compiled_regions(student)) == 10 + 3  # tiny Swin: blocks and patch mergings
     assert all(kw == {"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"} for _, kw in calls)
     calls.clear()
-    configure_student(student, cfg, backend="eager")  # another backend: no mode (torch.compile refuses both)
+    configure_models(student, cfg, backend="eager")  # another backend: no mode (torch.compile refuses both)
     assert all("mode" not in kw for _, kw in calls)

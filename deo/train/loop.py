@@ -79,8 +79,8 @@ def configure_models(student: torch.nn.Module, cfg: PretrainConfig, backend: str
     mergings of the student and of the EMA teacher (``ema_student``: forward-only graphs), and the
     blocks of the frozen DINOv3 ``teacher`` (one forward-only graph for all of them; its float32 RoPE
     and token concatenations were the largest non-matmul costs of the eager teacher). Blocks of one
-    stage and shift share their graphs
-    (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop size for any Swin depth.
+    stage and shift share their graphs (:class:`deo.models.swin_window.StochasticDepth`): 8 per crop
+    size for any Swin depth. ``train.compile_mode`` is passed to Inductor (other backends take none).
     """
     if cfg.train.activation_checkpointing:
         student.swin.set_grad_checkpointing(True)
@@ -89,7 +89,9 @@ def configure_models(student: torch.nn.Module, cfg: PretrainConfig, backend: str
 
         # (stage, shift, crop size, grad mode) graphs: above Dynamo's default limit of 8 per code object
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        mode = {} if backend != "inductor" or cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
+        mode = {"mode": cfg.train.compile_mode}
+        if backend != "inductor" or cfg.train.compile_mode == "default":
+            mode = {}  # torch.compile takes a backend or a mode, not both
         for region in compiled_regions(student, ema_student, teacher):
             region.compile(backend=backend, dynamic=False, **mode)
 

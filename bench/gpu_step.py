@@ -21,6 +21,8 @@ so a timeout keeps what finished):
                    step as it was before both changes
   ref_broadcast_bias ref_eager with the unshifted blocks' relative-position bias broadcast over the
                    windows, as before the fourth session (SDPA then took its math path for half the blocks)
+  ref_joint_trunk  ref_eager with the MS and optical views of each size in one pass through the shared
+                   stages (bench/joint_trunk.py: half the trunk's kernel launches; an experiment)
   ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
                    the loop checks the summed terms at logging steps instead)
   ref_loader       ref_eager fed by the real ``ShardLoader`` (pinned, ``--loader-threads`` decode threads)
@@ -87,6 +89,8 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_fp32_ln", "config": "reference.yaml", "unfused_blocks": True, "fp32_layer_norm": True,
      "baseline": True, "budget_s": 70},
     {"name": "ref_broadcast_bias", "config": "reference.yaml", "broadcast_bias": True, "baseline": True,
+     "budget_s": 70},
+    {"name": "ref_joint_trunk", "config": "reference.yaml", "joint_trunk": True, "experiment": True,
      "budget_s": 70},
     {"name": "ref_check_finite", "config": "reference.yaml", "with_check_finite": True, "baseline": True,
      "budget_s": 90},
@@ -317,6 +321,12 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         runner = TrainStep(cfg, device, STATS)
         if v.get("unfused_blocks"):  # timm's roll / partition / reverse / roll and separate residual ops
             AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
+        if v.get("joint_trunk"):  # the experiment of bench/joint_trunk.py (this child only)
+            from joint_trunk import joint_trunk_forward
+
+            from deo.train.task import DEOTrainable
+
+            DEOTrainable.forward = joint_trunk_forward
         if v.get("broadcast_bias"):  # the window attention before the fourth session (this child only)
             from window_attn_bench import broadcast_bias
 
@@ -529,7 +539,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ok = {n: r for n, r in summary["variants"].items() if r.get("status") == "ok"}
     if "ref_eager" in ok:
         # the shipped step only: ref_loader measures the data path, baselines the code it replaced
-        step_only = {v["name"] for v in VARIANTS if not v.get("loader") and not v.get("baseline")}
+        step_only = {v["name"] for v in VARIANTS
+                     if not v.get("loader") and not v.get("baseline") and not v.get("experiment")}
         best = max((r["samples_per_s"], n) for n, r in ok.items() if n.startswith("ref_") and n in step_only)
         summary["best_reference"] = {"variant": best[1], "samples_per_s": round(best[0], 1),
                                      "speedup_vs_public": round(best[0] / 159.6, 2)}

@@ -24,8 +24,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == summary["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
-    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_check_finite", "ref_loader",
-                 "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
+    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_joint_trunk",
+                 "ref_check_finite", "ref_loader", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
         r = v[name]
         assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
         assert r["loss_finite"] is True

@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
+from deo.models import swin_window  # noqa: E402
 from deo.models.layer_norm import InputDtypeLayerNorm  # noqa: E402
-from deo.models.swin_window import AdaptiveWindowBlock  # noqa: E402
 from deo.train.compile_cache import CompileCache  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 
@@ -320,7 +320,7 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             os.environ["TRITON_CACHE_DIR"] = str(local / "triton")
         runner = TrainStep(cfg, device, STATS)
         if v.get("unfused_blocks"):  # timm's roll / partition / reverse / roll and separate residual ops
-            AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
+            swin_window.AdaptiveWindowBlock.fused = False  # (class attribute: this child process only)
         if v.get("joint_trunk"):  # the experiment of bench/joint_trunk.py (this child only)
             from joint_trunk import joint_trunk_forward
 
@@ -330,12 +330,8 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         if v.get("broadcast_bias"):  # the window attention before the fourth session (this child only)
             from window_attn_bench import broadcast_bias
 
-            from deo.models import swin_window
-
             swin_window.window_attention = broadcast_bias
-        from deo.models import swin_window as _sw
-
-        rec.update(window_attention=_sw.window_attention.__name__)
+        rec.update(window_attention=swin_window.window_attention.__name__)
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side
             for m in runner.task.modules():
                 if type(m) is InputDtypeLayerNorm:

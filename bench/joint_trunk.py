@@ -19,18 +19,7 @@ from typing import Any
 
 import torch
 
-from deo.models.student import DEOStudent
 from deo.train.task import _to_grid
-
-
-def _stages(student: DEOStudent, h: torch.Tensor, take: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokens (N, H, W, C) after the patch embedding -> final normalised tokens and stage ``take``'s output."""
-    taken = None
-    for i, stage in enumerate(student.swin.layers):
-        h = stage(h)
-        if i == take:
-            taken = h
-    return student.swin.norm(h), taken
 
 
 def joint_trunk_forward(
@@ -49,10 +38,10 @@ def joint_trunk_forward(
     mid = len(student.stage_dims) - 2
     glob = torch.cat([student.embed(g.flatten(0, 1), "ms"),
                       student.embed(views["opt_global"].flatten(0, 1), "optical")])  # (2 Ng, h, w, C)
-    final_g, taken = _stages(student, glob, mid)
+    final_g, taken = student.stages_of_tokens(glob, [mid])
     local = torch.cat([student.embed(loc.flatten(0, 1), "ms"),
                        student.embed(views["opt_local"].flatten(0, 1), "optical")])  # (2 Nl, h, w, C)
-    final_l, _ = _stages(student, local, None)
+    final_l, _ = student.stages_of_tokens(local, [mid])  # (stage 3 unused here)
     pooled_ms = torch.cat([final_g[:ng].mean(dim=(1, 2)), final_l[:nl].mean(dim=(1, 2))])
     final_o = final_g[ng:]
     out = {"s_ms": self.head_ms(pooled_ms).view(-1, b, self.head_ms.mlp[-1].out_features)}
@@ -60,6 +49,6 @@ def joint_trunk_forward(
     out["s_cls"] = self.head_cls(pooled_o).view(-1, b, self.head_cls.mlp[-1].out_features)
     out["s_pF"] = _to_grid(self.head_pF(final_o), teacher_grid).view(
         vg, b, -1, self.head_pF.mlp[-1].out_features)
-    out["s_pmid"] = _to_grid(self.head_pmid(taken[ng:]), teacher_grid).view(
+    out["s_pmid"] = _to_grid(self.head_pmid(taken[mid][ng:]), teacher_grid).view(
         vg, b, -1, self.head_pmid.mlp[-1].out_features)
     return out

@@ -35,7 +35,7 @@ from deo.data.loader import fill_true_colour  # noqa: E402
 from deo.data.multicrop import MultiCrop  # noqa: E402
 from deo.train import parallel  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
-from deo.train.loop import autocast_dtype, build_optimizer, configure_models, uses_cuda_graphs  # noqa: E402
+from deo.train.loop import autocast_dtype, build_optimizer, configure_models  # noqa: E402
 from deo.train.schedules import Schedules  # noqa: E402
 from deo.train.task import DEOTask  # noqa: E402
 
@@ -166,7 +166,7 @@ class TrainStep:
         """
         clock, cfg = self.clock, self.cfg
         clock.mark("start")
-        if uses_cuda_graphs(cfg):
+        if cfg.train.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         lr, wd, momentum = self.schedules.at(step)
         for g in self.optimizer.param_groups:

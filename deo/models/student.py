@@ -106,8 +106,13 @@ class DEOStudent(nn.Module):
         self, x: torch.Tensor, modality: str, indices: list[int]
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Final normalised tokens (B, h, w, C) and the raw NHWC outputs of stages ``indices``."""
+        return self.stages_of_tokens(self.embed(x, modality), indices)
+
+    def stages_of_tokens(
+        self, h: torch.Tensor, indices: list[int]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`stages` from patch-embedded tokens (B, H/4, W/4, C), of any modality or a mix of them."""
         take, _ = feature_take_indices(len(self.swin.layers), indices)
-        h = self.embed(x, modality)
         taken: dict[int, torch.Tensor] = {}
         for i, stage in enumerate(self.swin.layers):
             h = stage(h)

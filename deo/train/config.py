@@ -79,6 +79,12 @@ class TrainConfig:
     )
     seed: int = option(0, help="seed of init, augmentation and shuffling")
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether ``compile_mode`` records CUDA graphs (then every step starts with
+        ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused)."""
+        return self.compile and self.compile_mode in CUDA_GRAPH_MODES
+
     def __post_init__(self) -> None:
         if self.data_order not in ("lanes", "global"):
             raise ValueError(f"train.data_order must be lanes or global, got {self.data_order!r}")
@@ -91,7 +97,7 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+        if self.cuda_graphs and self.grad_accum > 1:
             # a second micro-step replays the graphs whose memory holds the first one's gradients
             raise ValueError(
                 f"train.compile_mode={self.compile_mode} (CUDA graphs) needs train.grad_accum=1, got {self.grad_accum}"

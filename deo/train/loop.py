@@ -26,7 +26,7 @@ from deo.io.shards import ShardDataset
 from deo.train import checkpoint as ckpt
 from deo.train import parallel
 from deo.train.compile_cache import CompileCache
-from deo.train.config import CUDA_GRAPH_MODES, PretrainConfig
+from deo.train.config import PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
 from deo.train.schedules import Schedules
@@ -96,12 +96,6 @@ def configure_models(student: torch.nn.Module, cfg: PretrainConfig, backend: str
             region.compile(backend=backend, dynamic=False, **mode)
 
 
-def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
-    """Whether ``train.compile_mode`` records CUDA graphs (then every step starts with
-    ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused)."""
-    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
-
-
 def compiled_regions(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:
     """The submodules of ``modules`` that ``train.compile`` compiles one by one (see configure_models)."""
     from timm.models.eva import EvaBlock
@@ -155,7 +149,6 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
     optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
     amp_dtype = autocast_dtype(cfg.train.precision, device)
-    cuda_graphs = uses_cuda_graphs(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedules = Schedules.from_config(cfg.train)
     decode_threads = cfg.train.loader_threads or max(1, min(8, int(cfg.scaling.cpus_per_worker) // 2))
@@ -217,7 +210,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                 g["lr"] = lr
                 g["weight_decay"] = wd if g["apply_wd"] else 0.0
             ids = batch.pop("sample_id")
-            if cuda_graphs:
+            if cfg.train.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])

@@ -158,15 +158,15 @@ def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatc
     """train.compile_mode is checked and handed to each region's torch.compile (tests/train/test_loop.py
     checks that a CUDA-graph mode marks every step)."""
     from deo.models.student import build_student
-    from deo.train.loop import compiled_regions, configure_models, uses_cuda_graphs
+    from deo.train.loop import compiled_regions, configure_models
 
     base = read_yaml(REPO / "configs/pretrain/default.yaml")
     with pytest.raises(ValueError, match="train.compile_mode must be one of"):
         build_config(PretrainConfig, base, ["train.compile_mode=fast"])
     cfg = build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=reduce-overhead"])
-    assert uses_cuda_graphs(cfg)
-    assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile=true"]))
-    assert not uses_cuda_graphs(build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]))
+    assert cfg.train.cuda_graphs
+    assert not build_config(PretrainConfig, base, ["train.compile=true"]).train.cuda_graphs
+    assert not build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]).train.cuda_graphs
     with pytest.raises(ValueError, match="needs train.grad_accum=1"):
         build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=max-autotune",
                                             "train.grad_accum=2"])

@@ -54,6 +54,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -225,8 +226,8 @@ def host_bound_steps(step: Any, first: int, n: int, cuda: bool) -> dict[str, flo
         sync()
         enqueue.append((t1 - t0) * 1e3)
         drain.append((time.perf_counter() - t1) * 1e3)
-    med = sorted(enqueue)[n // 2], sorted(drain)[n // 2]
-    return {"steps": n, "enqueue_ms": round(med[0], 1), "drain_ms": round(med[1], 1)}
+    return {"steps": n, "enqueue_ms": round(statistics.median(enqueue), 1),
+            "drain_ms": round(statistics.median(drain), 1)}
 
 
 def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> dict[str, Any]:

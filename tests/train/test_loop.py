@@ -23,6 +23,20 @@ def tiny_cfg(shards, tmp_path, name, *extra):
         f"data={shards}", f"run.storage={tmp_path}", f"run.name={name}", *BASE, *extra])
 
 
+def compile_with_dynamo_only(monkeypatch, before=lambda: None):
+    """train.compile without a compiler: the loop's regions are traced by Dynamo and run eagerly (fast on
+    CPU). ``before`` runs each time the loop configures its models."""
+    import deo.train.loop as loop
+
+    real_configure = loop.configure_models
+
+    def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):
+        before()
+        real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
+
+    monkeypatch.setattr(loop, "configure_models", configure)
+
+
 def run(cfg, tmp_path):
     uri = str(tmp_path / cfg.run.name)
     return train(cfg, LocalRuntime(uri, keep=cfg.run.keep_checkpoints, device=torch.device("cpu")), uri)
@@ -119,7 +133,6 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
                                                                      capsys):
     """The loop's wiring of train.compile_cache (tests/train/test_compile_cache.py covers real bundles):
     rank 0 saves a bundle after its first step, and the resumed run loads it before compiling."""
-    import deo.train.loop as loop
 
     class Info:
         def __init__(self, keys):
@@ -137,13 +150,7 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
 
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", save)
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", load)
-    real_configure = loop.configure_models
-
-    def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):  # Dynamo, no compiler
-        compiled_keys.append("graphs")
-        real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
-
-    monkeypatch.setattr(loop, "configure_models", configure)
+    compile_with_dynamo_only(monkeypatch, before=lambda: compiled_keys.append("graphs"))
     cfg = tiny_cfg(sample_shards, tmp_path, "compiled", "train.max_steps=2", "run.checkpoint_every=2",
                    "train.compile=true")
     run(cfg, tmp_path)
@@ -162,16 +169,10 @@ def test_compiled_run_saves_its_compiled_code_and_a_resume_loads_it(sample_shard
 def test_cuda_graph_mode_marks_the_beginning_of_every_step(sample_shards, tmp_path, monkeypatch):
     """train.compile_mode=reduce-overhead: each optimizer step starts with cudagraph_mark_step_begin, so
     CUDA-graph trees may reuse the previous step's graph memory (compiled here by Dynamo alone, on CPU)."""
-    import deo.train.loop as loop
 
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    real_configure = loop.configure_models
-
-    def configure(student, cfg, backend="inductor", ema_student=None, teacher=None):
-        real_configure(student, cfg, backend="eager", ema_student=ema_student, teacher=teacher)
-
-    monkeypatch.setattr(loop, "configure_models", configure)
+    compile_with_dynamo_only(monkeypatch)
     cfg = tiny_cfg(sample_shards, tmp_path, "graphs", "train.max_steps=3", "run.checkpoint_every=3",
                    "train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_cache=" + str(tmp_path / "cc"))
     assert run(cfg, tmp_path).steps == 3

@@ -38,7 +38,11 @@ so a timeout keeps what finished):
                    ref_compile's bundle first: a resumed run or restarted worker on another machine
   ref_compile_warm ref_compile again, now with the Inductor cache ref_compile filled (a resumed run, or
                    a second worker on the node)
-  ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs)
+  ref_graph        ref_eager with ``train.cuda_graph=true``: 3 eager steps, then the whole step recorded
+                   once as a CUDA graph and replayed (no kernel launches from the host), with a profile
+  ref_compile_graph ref_compile with ``train.cuda_graph=true`` (compiled regions inside the step's graph;
+                   it reuses the Inductor cache ref_compile filled when both run in one call)
+  ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs per region)
   ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
   paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
@@ -102,6 +106,11 @@ VARIANTS: list[dict[str, Any]] = [
      "budget_s": 150, "compile": True, "fresh_caches": True},
     {"name": "ref_compile_warm", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
      "compile": True},
+    {"name": "ref_graph", "config": "reference.yaml", "overrides": ["train.cuda_graph=true"], "profile": True,
+     "budget_s": 100},
+    {"name": "ref_compile_graph", "config": "reference.yaml", "overrides": ["train.compile=true",
+                                                                         "train.cuda_graph=true"],
+     "budget_s": 170, "compile": True, "profile": True},
     {"name": "ref_compile_cudagraphs", "config": "reference.yaml",
      "overrides": ["train.compile=true", "train.compile_mode=reduce-overhead"], "budget_s": 170, "compile": True},
     {"name": "ref_compile_broadcast", "config": "reference.yaml", "overrides": ["train.compile=true"],
@@ -299,6 +308,9 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
                   views=f"{cfg.views.n_global}x{cfg.views.global_size} + {cfg.views.n_local}x{cfg.views.local_size}",
                   tile_px=args.tile, tiles="pinned host, shipped non_blocking every step")
     try:
+        if cfg.train.cuda_graph and not cuda:  # the smoke run: a CUDA graph needs CUDA
+            rec.update(status="skipped: train.cuda_graph needs a CUDA device")
+            return
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -31,16 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deo.config import build_config, read_yaml  # noqa: E402
-from deo.data.loader import fill_true_colour  # noqa: E402
 from deo.data.multicrop import MultiCrop  # noqa: E402
 from deo.train import parallel  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
-from deo.train.loop import autocast_dtype, build_optimizer, configure_models  # noqa: E402
+from deo.train.loop import build_optimizer, configure_models  # noqa: E402
 from deo.train.schedules import Schedules  # noqa: E402
+from deo.train.step import WARMUP_STEPS  # noqa: E402
+from deo.train.step import TrainStep as LoopStep  # noqa: E402
 from deo.train.task import DEOTask  # noqa: E402
 
 PHASES = ("h2d", "augment", "teacher_ema", "teacher_dino", "student_fwd", "backward", "optimizer_ema")
-"""Step phases, in execution order."""
+"""Phases of an eager step, in execution order. A step replayed from its CUDA graph (``train.cuda_graph``)
+has one phase, ``graph``."""
 
 
 class PhaseClock:
@@ -56,7 +58,12 @@ class PhaseClock:
         self.marks: list[tuple[str, Any]] = []
 
     def mark(self, label: str) -> None:
-        """Close the running interval and charge it to ``label`` (``"start"`` opens a new step)."""
+        """Close the running interval and charge it to ``label`` (``"start"`` opens a new step).
+
+        Nothing while a CUDA graph is being recorded (``train.cuda_graph``): that pass runs no kernel.
+        """
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -92,7 +99,7 @@ class PhaseClock:
 
 
 class TrainStep:
-    """One optimizer step of :func:`deo.train.loop.train` with phase marks (grad_accum 1, no fp16 scaler).
+    """One optimizer step of :func:`deo.train.loop.train` (:class:`deo.train.step.TrainStep`) with phase marks.
 
     Args:
         cfg: the pretraining config (student, teacher, views, train.compile / activation_checkpointing).
@@ -105,10 +112,6 @@ class TrainStep:
     def __init__(self, cfg: PretrainConfig, device: torch.device, stats: dict[str, Any],
                  check_finite: bool = False, strategy: str = "") -> None:
         """Build task, augmentation, optimizer and schedules exactly as the training loop does."""
-        if cfg.train.grad_accum != 1 or cfg.train.precision == "fp16":
-            raise ValueError(
-                f"TrainStep times grad_accum=1 without fp16 scaling, got grad_accum={cfg.train.grad_accum}, "
-                f"precision={cfg.train.precision}")
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.device = cfg, device
         self.task = DEOTask(cfg, device=device, check_finite=check_finite)
@@ -118,11 +121,10 @@ class TrainStep:
             parallel.distribute(self.task, strategy, device)
         self.augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.task.trainable, cfg, device)
-        self.amp = autocast_dtype(cfg.train.precision, device)
         self.schedules = Schedules.from_config(cfg.train)
         self.clock = PhaseClock(device)
         self._instrument()
-        self.task.train()
+        self.step = LoopStep(self.task, self.augment, self.optimizer, cfg, device, mark=self.clock.mark)
 
     def _instrument(self) -> None:
         """Mark the teachers' boundaries by wrapping two bound methods on the instances."""
@@ -164,31 +166,12 @@ class TrainStep:
         Returns:
             The task's loss dict (``loss`` detached).
         """
-        clock, cfg = self.clock, self.cfg
-        clock.mark("start")
-        if cfg.train.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        lr, wd, momentum = self.schedules.at(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-            g["weight_decay"] = wd if g["apply_wd"] else 0.0
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        clock.mark("h2d")
-        optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
-        views = self.augment(batch["ms"], optical, ids, epoch, batch["ms_gsd"])
-        clock.mark("augment")
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            losses = self.task(views, step)
-        clock.mark("student_fwd")
-        losses["loss"].backward()
-        clock.mark("backward")
-        if cfg.train.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.task.trainable.parameters(), cfg.train.clip_grad, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.task.update_ema(momentum)
-        clock.mark("optimizer_ema")
-        return {k: v.detach() for k, v in losses.items()}
+        self.clock.mark("start")
+        graphed = self.step.graph is not None and self.step.eager_steps >= WARMUP_STEPS
+        out = self.step(batch, ids, epoch, step, self.schedules.at(step))
+        if graphed:
+            self.clock.mark("graph")
+        return out
 
 
 def emit(report: dict[str, Any], out: str) -> None:
@@ -201,7 +184,7 @@ def emit(report: dict[str, Any], out: str) -> None:
 
 def summarise(steps: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
     """Median ms per phase and per step, share of each phase in the summed medians, samples/s."""
-    keys = [k for k in (*PHASES, "between") if any(k in s for s in steps)]
+    keys = [k for k in (*PHASES, "graph", "between") if any(k in s for s in steps)]
     med = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in keys}
     total = [s["total"] for s in steps]
     mean_ms = sum(total) / len(total)

@@ -44,7 +44,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     output gradient, which is the correct gradient of a replicated global quantity (each rank computes
     the same loss from the same summed tensor, and DDP averages the parameter gradients).
     """
-    if not is_distributed():
+    if get_world_size() == 1:  # also spares one worker's process group (Ray makes one) a collective
         return x
     from torch.distributed.nn.functional import all_reduce
 
@@ -56,7 +56,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     Assumes the same B on every rank.
     """
-    if not is_distributed():
+    if get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 

@@ -187,8 +187,26 @@ class MultiCrop:
             )
         if len(sample_ids) != b:
             raise ValueError(f"got {len(sample_ids)} sample ids for a batch of {b}")
+        p = _to_device(self.params(sample_ids, epoch), ms.device)
+        return self.apply(ms, optical, p, ms_gsd, optical_sizes, sar)
+
+    def apply(
+        self,
+        ms: torch.Tensor,
+        optical: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ms_gsd: torch.Tensor,
+        optical_sizes: tuple[int, int] | None = None,
+        sar: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The device half of :meth:`__call__`: cut the views with parameters ``p`` of :meth:`params`.
+
+        Every tensor, ``p``'s included, is on the tiles' device, and nothing reads a value back to
+        the host, so a CUDA graph can record this (``train.cuda_graph``). Arguments and returns as
+        in :meth:`__call__`.
+        """
+        b = ms.shape[0]
         dev = ms.device
-        p = _to_device(self.params(sample_ids, epoch), dev)
         self._stats_to(dev)
         vg = self.v.n_global
         go = self.v.optical_global_size

@@ -33,8 +33,12 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, momentum: float) -> None:
-        """Lerp towards ``model`` (same structure as the copied one) with weight ``1 - momentum``."""
+    def update(self, model: nn.Module, momentum: float | torch.Tensor) -> None:
+        """Lerp towards ``model`` (same structure as the copied one) with weight ``1 - momentum``.
+
+        ``momentum`` may be a 0-dim tensor on the device (a CUDA graph reads it at every replay, where
+        a float would be fixed at capture).
+        """
         ema_p, src_p = [], []
         for (name, e), (name_s, s) in zip(
             self.module.named_parameters(), model.named_parameters(), strict=True
@@ -53,10 +57,13 @@ class EMATeacher(nn.Module):
             else:
                 e.copy_(s)
         weight = 1.0 - momentum
-        if ema_p:
-            torch._foreach_lerp_(ema_p, src_p, weight)
-        if ema_b:
-            torch._foreach_lerp_(ema_b, src_b, weight)
+        for ema, src in ((ema_p, src_p), (ema_b, src_b)):
+            if not ema:
+                continue
+            if isinstance(weight, torch.Tensor):
+                torch._foreach_lerp_(ema, src, [weight] * len(ema))
+            else:
+                torch._foreach_lerp_(ema, src, weight)
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         """Run the averaged module without gradients."""

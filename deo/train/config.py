@@ -59,6 +59,13 @@ class TrainConfig:
         help="torch.compile mode of train.compile: default, reduce-overhead (CUDA graphs: fewer kernel "
         "launches from the host), max-autotune-no-cudagraphs or max-autotune (slower to compile)",
     )
+    cuda_graph: bool = option(
+        False,
+        help="record the whole step (augmentation, forward, backward, clipping, AdamW, EMA) as one CUDA "
+        "graph after 3 eager steps and replay it: no per-kernel launch cost on the host (one GPU; "
+        "grad_accum 1, bf16 or fp32, no activation checkpointing; combines with train.compile in its "
+        "default mode)",
+    )
     compile_cache: str = option(
         "",
         help="folder (local or s3://) of the compiled code saved by train.compile, loaded at start so "
@@ -80,9 +87,10 @@ class TrainConfig:
     seed: int = option(0, help="seed of init, augmentation and shuffling")
 
     @property
-    def cuda_graphs(self) -> bool:
-        """Whether ``compile_mode`` records CUDA graphs (then every step starts with
-        ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused)."""
+    def compile_cuda_graphs(self) -> bool:
+        """Whether ``compile_mode`` records CUDA graphs per compiled region (then every step starts with
+        ``torch.compiler.cudagraph_mark_step_begin()``: the previous step's graph outputs may be reused).
+        ``cuda_graph`` is the other, whole-step form."""
         return self.compile and self.compile_mode in CUDA_GRAPH_MODES
 
     def __post_init__(self) -> None:
@@ -97,7 +105,18 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        if self.cuda_graphs and self.grad_accum > 1:
+        if self.cuda_graph:
+            why = {
+                "train.grad_accum > 1": self.grad_accum > 1,
+                "train.precision=fp16 (the grad scaler reads found-inf on the host)": self.precision == "fp16",
+                "train.activation_checkpointing (recomputation saves and restores the RNG state on the "
+                "host)": self.activation_checkpointing,
+                f"train.compile_mode={self.compile_mode} (CUDA graphs inside a CUDA graph)": self.compile_cuda_graphs,
+            }
+            bad = [k for k, v in why.items() if v]
+            if bad:
+                raise ValueError(f"train.cuda_graph=true does not combine with {', '.join(bad)}")
+        if self.compile_cuda_graphs and self.grad_accum > 1:
             # a second micro-step replays the graphs whose memory holds the first one's gradients
             raise ValueError(
                 f"train.compile_mode={self.compile_mode} (CUDA graphs) needs train.grad_accum=1, got {self.grad_accum}"

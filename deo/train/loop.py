@@ -1,10 +1,10 @@
 """The training loop: the same code under Ray Train, in a plain process, and on the GPU machine.
 
 It knows nothing of its launcher beyond :class:`deo.train.runtime.Runtime`. Per optimizer step: read
-the lane's next batch (prefetched, uint16), cut the multi-crop views on the device, run the task
-(student, EMA teacher, frozen optical teacher -> dict of loss terms) under autocast, backprop, clip the
-total norm, step AdamW with the per-iteration lr/wd, update the EMA teacher, advance the data position.
-Host syncs (``.item()``) happen only at logging and checkpoint steps.
+the lane's next batch (prefetched, uint16), run :class:`deo.train.step.TrainStep` on it (multi-crop
+views on the device, the task under autocast, backprop, total-norm clipping, AdamW with the per-iteration
+lr/wd, EMA update; eager or replayed from a CUDA graph), advance the data position. Host syncs
+(``.item()``) happen only at logging and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from deo import dist
 from deo.config import to_dict, to_yaml
-from deo.data.loader import ShardIndex, ShardLoader, fill_true_colour
+from deo.data.loader import ShardIndex, ShardLoader
 from deo.data.sampling import DataPosition, batches_left, lane_streams
 from deo.io import storage
 from deo.io.shards import ShardDataset
@@ -30,6 +30,7 @@ from deo.train.config import PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
 from deo.train.schedules import Schedules
+from deo.train.step import TrainStep, autocast_dtype
 
 
 @dataclass
@@ -46,16 +47,12 @@ class TrainSummary:
     backbone: str = ""
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` (None: fp32, no autocast)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with two groups: weights (decayed) and biases/norms/tokens (not decayed).
 
-
-def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: torch.device
-                    ) -> torch.optim.AdamW:
-    """AdamW with two groups: weights (decayed) and biases/norms/tokens (not decayed)."""
+    ``fused`` (default: on CUDA) runs one kernel per parameter group and no host sync.
+    """
     decay, no_decay = [], []
     for name, p in trainable.named_parameters():
         if not p.requires_grad:
@@ -65,7 +62,7 @@ def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: tor
         {"params": decay, "weight_decay": cfg.train.weight_decay, "apply_wd": True},
         {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
     ]
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
 
 
@@ -124,7 +121,6 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     if B % (world * cfg.train.grad_accum):
         raise ValueError(f"train.batch_size={B} not divisible by {world} workers x grad_accum")
     per_rank = B // world
-    micro = per_rank // cfg.train.grad_accum
 
     shards = ShardDataset.open(cfg.data)
     stats = shards.stats
@@ -148,8 +144,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     whole = parallel.WholeStudent(lambda: build_student(cfg.model, cfg.views.global_size).to(device))
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
     optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=autocast_dtype(cfg.train.precision, device) == torch.float16)
     schedules = Schedules.from_config(cfg.train)
     decode_threads = cfg.train.loader_threads or max(1, min(8, int(cfg.scaling.cpus_per_worker) // 2))
 
@@ -166,6 +162,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
         position = DataPosition.from_dict(state["data_position"])
         ckpt.set_rng_state(state["rng"])
     start_step = step
+    train_step = TrainStep(task, augment, optimizer, cfg, device, scaler)
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
     probe = None
@@ -206,35 +203,10 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             window_wait += wait_now
             total_wait += wait_now
             lr, wd, momentum = schedules.at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-                g["weight_decay"] = wd if g["apply_wd"] else 0.0
             ids = batch.pop("sample_id")
-            if cfg.train.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
-            task.train()
-            for m in range(cfg.train.grad_accum):
-                part = slice(m * micro, (m + 1) * micro)
-                views = augment(batch["ms"][part], optical[part], ids[part], position.epoch,
-                                batch["ms_gsd"][part],
-                                sar=batch["sar"][part] if cfg.model.sar else None)
-                with parallel.no_grad_sync(task.trainable, skip=m < cfg.train.grad_accum - 1):
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
-                        losses = task(views, step)
-                    scaler.scale(losses["loss"] / cfg.train.grad_accum).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / cfg.train.grad_accum
-            if cfg.train.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.train.clip_grad,
-                                               foreach=True)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            task.update_ema(momentum)
+            losses = train_step(batch, ids, position.epoch, step, (lr, wd, momentum))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v
             step += 1
             window_steps += 1
             position.advance(world, B)

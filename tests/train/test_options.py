@@ -164,9 +164,9 @@ def test_compile_mode_reaches_every_region_and_marks_cuda_graph_steps(monkeypatc
     with pytest.raises(ValueError, match="train.compile_mode must be one of"):
         build_config(PretrainConfig, base, ["train.compile_mode=fast"])
     cfg = build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=reduce-overhead"])
-    assert cfg.train.cuda_graphs
-    assert not build_config(PretrainConfig, base, ["train.compile=true"]).train.cuda_graphs
-    assert not build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]).train.cuda_graphs
+    assert cfg.train.compile_cuda_graphs
+    assert not build_config(PretrainConfig, base, ["train.compile=true"]).train.compile_cuda_graphs
+    assert not build_config(PretrainConfig, base, ["train.compile_mode=reduce-overhead"]).train.compile_cuda_graphs
     with pytest.raises(ValueError, match="needs train.grad_accum=1"):
         build_config(PretrainConfig, base, ["train.compile=true", "train.compile_mode=max-autotune",
                                             "train.grad_accum=2"])

@@ -1,0 +1,189 @@
+"""deo/train/step.py: the step a CUDA graph records equals the eager step, and never syncs with the host.
+
+The CUDA graph itself is recorded and replayed only on a GPU (the ``gpu`` test at the end); on CPU
+the recorded function (``TrainStep.graph_body``) runs eagerly and is compared with the eager step.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from deo.config import build_config  # noqa: E402
+from deo.data.multicrop import MultiCrop  # noqa: E402
+from deo.io.shards import ShardDataset  # noqa: E402
+from deo.train.config import PretrainConfig  # noqa: E402
+from deo.train.loop import build_optimizer  # noqa: E402
+from deo.train.step import WARMUP_STEPS, TrainStep  # noqa: E402
+from deo.train.task import DEOTask  # noqa: E402
+
+from step_bench import shard_batches  # noqa: E402
+
+TINY = ["model.head_hidden=64", "views.n_local=2", "train.batch_size=4"]
+
+# ops that make the host wait for the device (or read a device value) on CUDA
+SYNCING_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "equal", "is_nonzero",
+               "_unique", "_unique2", "unique_dim", "unique_consecutive", "_linalg_check_errors"}
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Record every op that would read a device value back on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else [])
+            if t is not None)
+        if name in SYNCING_OPS or bool_index:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _build(cfg: PretrainConfig, stats: dict, device: str = "cpu") -> TrainStep:
+    """The loop's step, with the fused AdamW of a GPU run (the CPU's default AdamW reads its step count)."""
+    torch.manual_seed(cfg.train.seed)
+    dev = torch.device(device)
+    task = DEOTask(cfg, device=dev, check_finite=False)
+    optimizer = build_optimizer(task.trainable, cfg, dev, fused=True)
+    return TrainStep(task, MultiCrop(cfg.views, stats, seed=cfg.train.seed), optimizer, cfg, dev)
+
+
+SCHEDULES = [(1e-3, 1.0, 0.99), (5e-4, 20.0, 0.9), (2e-3, 10.0, 0.95)]
+"""(lr, weight decay, momentum) of three steps: every value changes, as the real schedules do, and the
+decay is large enough to be a good share of each step's change."""
+
+
+def _relative_difference(got: list[torch.Tensor], want: list[torch.Tensor], before: list[torch.Tensor]) -> float:
+    """|got - want| / |want - before| over all tensors: how far apart two runs are, per unit of training."""
+    apart = sum(float((g - w).square().sum()) for g, w in zip(got, want, strict=True))
+    moved = sum(float((w - b).square().sum()) for w, b in zip(want, before, strict=True))
+    return (apart / moved) ** 0.5
+
+
+def test_recorded_step_run_eagerly_equals_the_eager_step(sample_shards):
+    """graph_body (what train.cuda_graph records) trains exactly as the eager step over three steps whose
+    lr, weight decay and momentum all change, reading them only from its input tensor."""
+    cfg = build_config(PretrainConfig, overrides=TINY)
+    stats = ShardDataset.open(str(sample_shards)).stats
+    batches = shard_batches(str(sample_shards), 4, len(SCHEDULES))
+    eager, graphed = _build(cfg, stats), _build(cfg, stats)
+    for i, ((batch, ids), schedule) in enumerate(zip(batches, SCHEDULES, strict=True)):
+        torch.manual_seed(i)  # the same stochastic-depth draws in both
+        want = eager(batch, ids, 0, i, schedule)
+        torch.manual_seed(i)
+        got = graphed.graph_body(graphed.graph_inputs(batch, ids, 0, schedule))
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"step {i}: {k}")
+    # what the comparison catches: the same steps with a weight decay frozen at its first value
+    frozen = _build(cfg, stats)
+    for i, ((batch, ids), schedule) in enumerate(zip(batches, SCHEDULES, strict=True)):
+        torch.manual_seed(i)
+        frozen.graph_body(frozen.graph_inputs(batch, ids, 0, (schedule[0], SCHEDULES[0][1], schedule[2])))
+    initial = _build(cfg, stats)
+    for part in ("trainable", "ema"):
+        want, got, wrong, before = ([p.detach() for p in getattr(s.task, part).parameters()]
+                                    for s in (eager, graphed, frozen, initial))
+        # rounding alone: AdamW's division by sqrt(v) amplifies it for near-zero gradients, to about 1e-3
+        assert _relative_difference(got, want, before) < 1e-2, part
+        assert _relative_difference(wrong, want, before) > 5e-2, part
+    # the optimizer's groups look as before the step (a checkpoint records floats, not device tensors)
+    assert all(isinstance(g["lr"], float) and not g.get("capturable") for g in graphed.optimizer.param_groups)
+    assert all(g["apply_wd"] or g["weight_decay"] == 0.0 for g in graphed.optimizer.param_groups)
+
+
+def test_recorded_step_never_reads_a_device_value_on_the_host(sample_shards):
+    """Inside a CUDA graph a host sync fails the capture; on the host it is a stall per step."""
+    cfg = build_config(PretrainConfig, overrides=TINY)
+    stats = ShardDataset.open(str(sample_shards)).stats
+    (batch, ids), = shard_batches(str(sample_shards), 4, 1)
+    step = _build(cfg, stats)
+    inputs = step.graph_inputs(batch, ids, 0, SCHEDULES[0])
+    with HostSyncDetector() as seen:
+        step.graph_body(inputs)
+    assert seen.syncs == []
+    with HostSyncDetector() as seen:  # the detector sees what the step would do wrong
+        float(inputs["schedule"][0] * 2)
+        torch.zeros(3)[torch.ones(3, dtype=torch.bool)]
+    assert len(seen.syncs) == 2
+
+
+def test_recorded_forward_runs_on_cuda_tensors_without_a_gpu(monkeypatch):
+    """The CUDA code paths of the recorded forward (augmentation, teachers, student, losses) on fake CUDA
+    tensors: any tensor made on the host mid-step (a copy that blocks, and fails a capture) or any value
+    read back would raise. (Autocast and the autograd engine need a real GPU: backward and update are
+    checked on CPU above, bf16 by the gpu test.)"""
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+    import deo.data.multicrop
+
+    monkeypatch.setattr(deo.data.multicrop, "_ON_DEVICE", {})  # its fake constants stay in this test
+    cfg = build_config(PretrainConfig, overrides=[*TINY, "train.precision=fp32"])  # autocast needs a GPU
+    stats = {"ms": {"mean": [1500.0] * 10, "std": [1000.0] * 10},
+             "optical": {"mean": [110.0] * 3, "std": [50.0] * 3}}
+    g = torch.Generator().manual_seed(0)
+    batch = {"ms": torch.randint(0, 10000, (4, 10, 64, 64), generator=g).to(torch.uint16),
+             "optical": torch.randint(0, 256, (4, 3, 64, 64), generator=g).to(torch.uint8),
+             "has_optical": torch.tensor([True, False, True, True]), "ms_gsd": torch.full((4,), 10.0)}
+    step = _build(cfg, stats)
+    host_inputs = step.graph_inputs(batch, [f"s{i}" for i in range(4)], 0, SCHEDULES[0])
+    cuda = torch.device("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        step.task.to(cuda)
+        step.device = cuda
+        inputs = {k: v.to(cuda) for k, v in host_inputs.items()}
+        losses = step.graph_forward(inputs)
+        assert {k: (v.device.type, v.shape) for k, v in losses.items()} == {
+            k: ("cuda", torch.Size([])) for k in ("loss", "compression", "coding_rate", "cls_cos", "pF_cos",
+                                                  "pmid_cos")}
+        assert losses["loss"].requires_grad
+        with pytest.raises(FakeTensorDeviceMismatchError):  # what a host tensor mid-step looks like
+            inputs["schedule"] + torch.ones(3)
+
+
+def test_cuda_graph_options_are_checked():
+    for bad, why in (("train.grad_accum=2", "grad_accum"), ("train.precision=fp16", "fp16"),
+                     ("train.activation_checkpointing=true", "activation_checkpointing"),
+                     ("train.compile_mode=reduce-overhead", "CUDA graphs inside")):
+        with pytest.raises(ValueError, match=why):
+            build_config(PretrainConfig, overrides=["train.cuda_graph=true", "train.compile=true", bad])
+    cfg = build_config(PretrainConfig, overrides=[*TINY, "train.cuda_graph=true"])
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        _build(cfg, {"ms": {"mean": [1.0] * 10, "std": [1.0] * 10},
+                     "optical": {"mean": [1.0] * 3, "std": [1.0] * 3}})
+
+
+@pytest.mark.gpu
+def test_replayed_cuda_graph_trains_as_the_eager_step(sample_shards):
+    """train.cuda_graph on a GPU: eager warm-up, one recording, then replays that see each step's batch
+    and schedule, and train as the eager step does (no stochastic depth: both draw from one generator,
+    in different orders)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    over = [*TINY, "model.drop_path=0", "train.precision=fp32"]
+    stats = ShardDataset.open(str(sample_shards)).stats
+    n = WARMUP_STEPS + 3
+    batches = shard_batches(str(sample_shards), 4, n)
+    schedules = [(1e-3 * (i + 1), 0.04 * (i + 1), 0.99 - 0.01 * i) for i in range(n)]
+    eager = _build(build_config(PretrainConfig, overrides=over), stats, "cuda")
+    graphed = _build(build_config(PretrainConfig, overrides=[*over, "train.cuda_graph=true"]), stats, "cuda")
+    for i, ((batch, ids), schedule) in enumerate(zip(batches, schedules, strict=True)):
+        pinned = {k: v.pin_memory() for k, v in batch.items()}
+        want = {k: v.clone() for k, v in eager(pinned, ids, 0, i, schedule).items()}
+        got = {k: v.clone() for k, v in graphed(pinned, ids, 0, i, schedule).items()}
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-5, msg=f"step {i}: {k}")
+    assert graphed.graph is not None and graphed.graph.graph is not None
+    initial = _build(build_config(PretrainConfig, overrides=over), stats, "cuda")
+    for part in ("trainable", "ema"):
+        want, got, before = ([p.detach() for p in getattr(s.task, part).parameters()]
+                             for s in (eager, graphed, initial))
+        assert _relative_difference(got, want, before) < 1e-2, part

@@ -207,7 +207,7 @@ class MultiCrop:
         """
         b = ms.shape[0]
         dev = ms.device
-        self._stats_to(dev)
+        self.to(dev)
         vg = self.v.n_global
         go = self.v.optical_global_size
         lo = (
@@ -260,11 +260,18 @@ class MultiCrop:
         out["scale"] = p["scale"]
         return out
 
-    def _stats_to(self, dev: torch.device) -> None:
-        """Keep the normalisation stats on the tiles' device (moved once, not copied every call)."""
+    def to(self, dev: torch.device) -> MultiCrop:
+        """Keep the normalisation stats on the tiles' device (moved once, not copied every call).
+
+        :class:`deo.train.step.TrainStep` moves them before the first step, so a compiled ``apply``
+        (``train.compile``) never traces the move.
+        """
         for k, v in vars(self).items():
             if isinstance(v, torch.Tensor) and v.device != dev:
                 setattr(self, k, v.to(dev))
+        for name in _CONSTANTS:  # the colour constants too
+            _constant(name, dev)
+        return self
 
     @staticmethod
     def _ms_photometric(

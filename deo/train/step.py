@@ -65,6 +65,7 @@ class TrainStep:
                  device: torch.device, scaler: torch.amp.GradScaler | None = None,
                  mark: Callable[[str], None] | None = None) -> None:
         self.task, self.augment, self.optimizer, self.cfg, self.device = task, augment, optimizer, cfg, device
+        augment.to(device)
         self.amp = autocast_dtype(cfg.train.precision, device)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.mark = mark or _no_mark
@@ -262,7 +263,12 @@ class StepGraph:
         torch.cuda.empty_cache()
         # cuSOLVER's Cholesky (the coding rate's) records into a graph; MAGMA's batched one syncs the host
         torch.backends.cuda.preferred_linalg_library("cusolver")
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the shard loader's threads keep pinning host memory while this thread records
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_out = self.body(self.static_in)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the shard loader's threads keep pinning host memory while this thread records
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.static_out = self.body(self.static_in)
+        except RuntimeError as e:
+            raise RuntimeError(f"train.cuda_graph: recording the training step as a CUDA graph failed ({e}); "
+                               "run with train.cuda_graph=false and report the error") from e
+        self.graph = graph

@@ -66,3 +66,30 @@ def test_params_depend_only_on_seed_epoch_and_id():
     assert not torch.equal(mc.params(["x"], 3)["theta"][:, 0], a["theta"][:, 0])
     with pytest.raises(ValueError, match="stats.ms needs 10"):
         MultiCrop(ViewConfig(), {"ms": {"mean": [1.0], "std": [1.0]}, "optical": STATS["optical"]})
+
+
+def test_apply_traces_as_one_graph_equal_to_eager(shared_data):
+    """MultiCrop.apply (crop, flips, jitter, blur, normalisation) traces as one Dynamo graph with no break,
+    which a second batch reuses: what bench/gpu_step.py's ref_compile_augment compiles with Inductor
+    (Dynamo alone here, the eager backend: the test checks the tracing, fast)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    views = ViewConfig(n_local=3)
+    tile = _tile(shared_data)
+    ms = torch.stack([tile, tile.flip(-1)])
+    tc = (ms[:, [2, 1, 0]].float() / 3000 * 255).clamp(0, 255).to(torch.uint8)
+    gsd = torch.tensor([10.0, 10.0])
+    eager = MultiCrop(views, STATS, seed=1)
+    compiled = MultiCrop(views, STATS, seed=1).to(torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.apply = torch.compile(compiled.apply, backend="eager", dynamic=False)
+    for epoch in (0, 1):
+        want = eager(ms, tc, ["a", "b"], epoch, gsd)
+        got = compiled(ms, tc, ["a", "b"], epoch, gsd)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], msg=k)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"] and not counters["recompiles"]

@@ -92,9 +92,9 @@ def test_recorded_step_run_eagerly_equals_the_eager_step(sample_shards):
     for part in ("trainable", "ema"):
         want, got, wrong, before = ([p.detach() for p in getattr(s.task, part).parameters()]
                                     for s in (eager, graphed, frozen, initial))
-        # rounding alone: AdamW's division by sqrt(v) amplifies it for near-zero gradients, to about 1e-3
-        assert _relative_difference(got, want, before) < 1e-2, part
-        assert _relative_difference(wrong, want, before) > 5e-2, part
+        # rounding alone (measured 3e-5; AdamW's division by sqrt(v) amplifies it for near-zero gradients)
+        assert _relative_difference(got, want, before) < 1e-3, part
+        assert _relative_difference(wrong, want, before) > 0.1, part  # measured 0.2-0.26
     # the optimizer's groups look as before the step (a checkpoint records floats, not device tensors)
     assert all(isinstance(g["lr"], float) and not g.get("capturable") for g in graphed.optimizer.param_groups)
     assert all(g["apply_wd"] or g["weight_decay"] == 0.0 for g in graphed.optimizer.param_groups)

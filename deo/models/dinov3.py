@@ -60,6 +60,8 @@ class DINOv3Teacher(nn.Module):
         self.compute_dtype = dtype
         self.vit.requires_grad_(False)
         super().train(False)
+        if vit.rope is not None:
+            _cache_rope_embeddings(vit.rope)
 
     def train(self, mode: bool = True) -> DINOv3Teacher:
         """Stay in eval mode whatever ``mode`` is."""
@@ -96,6 +98,28 @@ class DINOv3Teacher(nn.Module):
         patches = [p for p, _ in out]
         cls = out[-1][1][:, 0]  # prefix tokens are [cls, registers...]; registers dropped
         return cls, patches
+
+
+def _cache_rope_embeddings(rope: nn.Module) -> None:
+    """Keep the frozen teacher's RoPE table of each patch grid on its device, computed once.
+
+    timm rebuilds it at every forward from a coordinate grid made on the host and copied to the
+    device: a blocking copy (one host sync per step), which also fails a CUDA-graph capture
+    (``train.cuda_graph``). The table depends only on the grid size (its coordinate augmentation runs
+    only in training mode, and the teacher stays in eval).
+    """
+    original = rope.get_embed
+    cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def get_embed(shape: list[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if shape is None or rope.training:
+            return original(shape=shape, dtype=dtype)
+        key = (tuple(shape), dtype, rope.periods.device, rope.periods.dtype)
+        if key not in cache:
+            cache[key] = original(shape=shape, dtype=dtype)
+        return cache[key]
+
+    rope.get_embed = get_embed
 
 
 def build_dinov3_vit(name: str) -> Eva:

@@ -33,12 +33,16 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, momentum: float | torch.Tensor) -> None:
+    def update(self, model: nn.Module, momentum: float | None = None,
+               weight: torch.Tensor | None = None) -> None:
         """Lerp towards ``model`` (same structure as the copied one) with weight ``1 - momentum``.
 
-        ``momentum`` may be a 0-dim tensor on the device (a CUDA graph reads it at every replay, where
-        a float would be fixed at capture).
+        Give ``momentum``, or ``weight``: ``1 - momentum`` as a 0-dim tensor on the device (a CUDA graph
+        reads it at every replay, where a float would be fixed at capture; computed on the host in
+        float64, since 1 - momentum in float32 loses digits as momentum nears 1).
         """
+        if (momentum is None) == (weight is None):
+            raise ValueError("EMATeacher.update takes momentum or weight, not both or neither")
         ema_p, src_p = [], []
         for (name, e), (name_s, s) in zip(
             self.module.named_parameters(), model.named_parameters(), strict=True
@@ -56,14 +60,15 @@ class EMATeacher(nn.Module):
                 src_b.append(s.detach())
             else:
                 e.copy_(s)
-        weight = 1.0 - momentum
         for ema, src in ((ema_p, src_p), (ema_b, src_b)):
             if not ema:
                 continue
-            if isinstance(weight, torch.Tensor):
-                torch._foreach_lerp_(ema, src, [weight] * len(ema))
-            else:
-                torch._foreach_lerp_(ema, src, weight)
+            if weight is None:
+                torch._foreach_lerp_(ema, src, 1.0 - momentum)
+            else:  # ema += weight * (src - ema): lerp's formula, in multi-tensor kernels
+                step = torch._foreach_sub(src, ema)
+                torch._foreach_mul_(step, weight)
+                torch._foreach_add_(ema, step)
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         """Run the averaged module without gradients."""

@@ -10,9 +10,10 @@ With ``train.cuda_graph`` the step is recorded once as a CUDA graph (:class:`Ste
 augmentation parameters and the schedule values into static buffers and launches one graph instead of
 thousands of kernels (bench/RESULTS.md: the eager H100 step spent about 29 ms per step launching about
 7,000 kernels). Everything a replay must see change is a device tensor read inside the graph: the
-schedule's lr, weight decay and EMA momentum (a Python float would be frozen at capture), and AdamW's
-decoupled weight decay, applied by this step as ``p *= 1 - lr * wd`` (what AdamW does, whose fused
-kernel takes the decay as a float only).
+schedule's lr, ``lr * weight decay`` and ``1 - EMA momentum``, each computed on the host in float64 (a
+Python float would be frozen at capture; ``1 - x`` in float32 would round small decays away), and
+AdamW's decoupled weight decay, applied by this step as ``p -= (lr * wd) * p`` to the parameters with a
+gradient (what the fused AdamW kernel does, which takes the decay as a float only).
 """
 
 from __future__ import annotations
@@ -160,11 +161,13 @@ class TrainStep:
         """Everything one step reads that changes from step to step, as host tensors for :meth:`graph_body`.
 
         ``tile.<key>``: the batch; ``aug.<key>``: :meth:`MultiCrop.params` of the ids (drawn on the host
-        from per-sample seeds, as in the eager step); ``schedule``: float32 (3,) lr, weight decay, momentum.
+        from per-sample seeds, as in the eager step); ``schedule``: float32 (3,) lr, lr x weight decay
+        and 1 - momentum, each computed in float64 first.
         """
+        lr, wd, momentum = schedule
         inputs = {f"tile.{k}": v for k, v in batch.items() if k != "sar" or self.cfg.model.sar}
         inputs.update({f"aug.{k}": v for k, v in self.augment.params(ids, epoch).items()})
-        inputs["schedule"] = torch.tensor(schedule, dtype=torch.float32)
+        inputs["schedule"] = torch.tensor([lr, lr * wd, 1.0 - momentum], dtype=torch.float32)
         return inputs
 
     def graph_forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,22 +184,24 @@ class TrainStep:
 
     def graph_body(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The step that :class:`StepGraph` records: all inputs on the device, no host sync, no
-        step-dependent Python value (lr, weight decay and momentum come from ``inputs["schedule"]``).
+        step-dependent Python value (lr, decay and EMA weight come from ``inputs["schedule"]``).
 
         Run eagerly it is the same step as :meth:`_eager` (grad_accum 1, no scaler), up to rounding:
         tests/train/test_step.py compares the two on CPU.
         """
         losses = self.graph_forward(inputs)
         losses["loss"].backward()
-        lr, wd, momentum = inputs["schedule"].unbind()
+        lr, lr_wd, ema_weight = inputs["schedule"].unbind()
         cfg, task = self.cfg, self.task
         if cfg.train.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.train.clip_grad, foreach=True)
         groups = self.optimizer.param_groups
         saved = [(g["lr"], g["weight_decay"], g.get("capturable", False)) for g in groups]
-        decayed = [dist.local_tensor(p) for g in groups if g["apply_wd"] for p in g["params"]]
+        # AdamW's decoupled decay, before its update and only where it updates (a parameter with a grad)
+        decayed = [dist.local_tensor(p) for g in groups if g["apply_wd"] for p in g["params"]
+                   if p.grad is not None]
         with torch.no_grad():
-            torch._foreach_mul_(decayed, 1 - lr * wd)  # AdamW's decoupled decay, lr and wd read at replay
+            torch._foreach_sub_(decayed, torch._foreach_mul(decayed, lr_wd))
         for g in groups:  # AdamW reads lr from the device tensor; capturable: allowed inside a capture
             g["lr"], g["weight_decay"], g["capturable"] = lr, 0.0, lr.device.type == "cuda"
         try:
@@ -205,7 +210,7 @@ class TrainStep:
             for g, (g_lr, g_wd, g_cap) in zip(groups, saved, strict=True):
                 g["lr"], g["weight_decay"], g["capturable"] = g_lr, g_wd, g_cap
         self.optimizer.zero_grad(set_to_none=True)
-        task.update_ema(momentum)
+        task.update_ema(weight=ema_weight)
         return {k: v.detach().float() for k, v in losses.items()}
 
 
@@ -261,8 +266,6 @@ class StepGraph:
         torch.cuda.synchronize(self.device)
         # the warm-up steps' cached blocks go back to the driver: the graph allocates from its own pool
         torch.cuda.empty_cache()
-        # cuSOLVER's Cholesky (the coding rate's) records into a graph; MAGMA's batched one syncs the host
-        torch.backends.cuda.preferred_linalg_library("cusolver")
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the shard loader's threads keep pinning host memory while this thread records

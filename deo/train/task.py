@@ -239,9 +239,12 @@ class DEOTask(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_ema(self, momentum: float) -> None:
-        """EMA teacher <- momentum * teacher + (1 - momentum) * student (foreach lerp)."""
-        self.ema.update(self._ms_branch(self.trainable), momentum)
+    def update_ema(self, momentum: float | None = None, weight: torch.Tensor | None = None) -> None:
+        """EMA teacher <- momentum * teacher + (1 - momentum) * student (foreach lerp).
+
+        ``weight``: ``1 - momentum`` as a device tensor instead (see :meth:`EMATeacher.update`).
+        """
+        self.ema.update(self._ms_branch(self.trainable), momentum, weight)
 
     @torch.no_grad()
     def _teachers(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -216,7 +216,7 @@ class MultiCrop:
             else round(self.v.local_size * go / self.v.global_size)
         )
         go = optical_sizes[0] if optical_sizes else go
-        ms_f = ms.float() / 10000.0  # reflectance
+        ms_f = ms.float()  # stored units (reflectance x 10000): jitter and clamp are scale-free
         opt_f = optical.float() / 255.0
         out: dict[str, torch.Tensor] = {}
         for name, sl, size, osize in (
@@ -232,7 +232,7 @@ class MultiCrop:
             x = self._ms_photometric(
                 x, p["ms_gain"][sl].flatten(0, 1), p["ms_contrast"][sl].flatten(0, 1)
             )
-            x = (x * 10000.0 - self.ms_mean.to(dev)) / self.ms_std.to(dev)
+            x = _normalise(x, self.ms_mean, self.ms_std)
             out[f"ms_{name}"] = x.view(nv, b, 10, size, size)
             if sar is not None and name == "global":
                 z = F.grid_sample(
@@ -251,7 +251,7 @@ class MultiCrop:
             y = self._optical_photometric(
                 y, {k: v[sl].flatten(0, 1) for k, v in p.items() if k != "theta"}
             )
-            y = (y * 255.0 - self.opt_mean.to(dev)) / self.opt_std.to(dev)
+            y = _normalise(y, self.opt_mean / 255.0, self.opt_std / 255.0)
             out[f"opt_{name}"] = y.view(nv, b, 3, osize, osize)
             tile = ms.shape[-1]
             out[f"gsd_{name}"] = view_gsd(
@@ -277,38 +277,37 @@ class MultiCrop:
     def _ms_photometric(
         x: torch.Tensor, gain: torch.Tensor, contrast: torch.Tensor
     ) -> torch.Tensor:
-        """Per-band brightness (gain) and contrast around the band's view mean; reflectance stays >= 0."""
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        x = mean + contrast[..., None, None] * (x - mean)
-        return (x * gain[..., None, None]).clamp(min=0.0)
+        """Per-band brightness (gain) and contrast around the band's view mean; reflectance stays >= 0.
+
+        gain * (mean + contrast * (x - mean)) as one fused multiply-add per pixel:
+        x * (gain * contrast) + mean * gain * (1 - contrast).
+        """
+        gain, contrast = gain[..., None, None], contrast[..., None, None]
+        shift = x.mean(dim=(2, 3), keepdim=True) * (gain * (1 - contrast))
+        return torch.addcmul(shift, x, gain * contrast).clamp_(min=0.0)
 
     @staticmethod
     def _optical_photometric(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """DINO photometric augmentation of (N, 3, H, W) RGB in [0, 1]."""
         on = p["jitter_on"].view(-1, 1, 1, 1)
         j = p["jitter"]
-        gray_w = _constant("gray", y.device).view(1, 3, 1, 1)
-        z = (y * j[:, 0].view(-1, 1, 1, 1)).clamp(0, 1)
-        lum = (z * gray_w).sum(1, keepdim=True)
-        z = (
-            lum.mean(dim=(2, 3), keepdim=True)
-            + j[:, 1].view(-1, 1, 1, 1) * (z - lum.mean(dim=(2, 3), keepdim=True))
-        ).clamp(0, 1)
-        lum = (z * gray_w).sum(1, keepdim=True)
-        z = (lum + j[:, 2].view(-1, 1, 1, 1) * (z - lum)).clamp(0, 1)
-        z = _hue_rotate(z, j[:, 3]).clamp(0, 1)
+        z = (y * j[:, 0].view(-1, 1, 1, 1)).clamp_(0, 1)  # brightness
+        # contrast around the mean luminance, saturation around each pixel's: one lerp each
+        mean_lum = _luminance(z).mean(dim=(2, 3), keepdim=True)
+        z = torch.lerp(mean_lum, z, j[:, 1].view(-1, 1, 1, 1)).clamp_(0, 1)
+        z = torch.lerp(_luminance(z), z, j[:, 2].view(-1, 1, 1, 1)).clamp_(0, 1)
+        z = _hue_rotate(z, j[:, 3]).clamp_(0, 1)
         y = torch.where(on, z, y)
-        lum = (y * gray_w).sum(1, keepdim=True).expand_as(y)
+        lum = _luminance(y).expand_as(y)
         y = torch.where(p["gray"].view(-1, 1, 1, 1), lum, y)
         y = _gaussian_blur(y, p["blur_sigma"])
         return torch.where(p["solarize"].view(-1, 1, 1, 1) & (y >= 0.5), 1.0 - y, y)
 
 
-_TO_YIQ = torch.tensor(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]
-)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+"""Luminance of RGB (ITU-R BT.601, as torchvision's grayscale)."""
+_TO_YIQ = torch.tensor([GRAY_WEIGHTS, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _CONSTANTS: dict[str, torch.Tensor] = {
-    "gray": torch.tensor([0.299, 0.587, 0.114]),
     "to_yiq": _TO_YIQ,
     "from_yiq": torch.linalg.inv(_TO_YIQ),
 }
@@ -324,6 +323,17 @@ def _constant(name: str, device: torch.device) -> torch.Tensor:
     if key not in _ON_DEVICE:
         _ON_DEVICE[key] = _CONSTANTS[name].to(device)
     return _ON_DEVICE[key]
+
+
+def _luminance(y: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) luminance (:data:`GRAY_WEIGHTS`), reading ``y`` once."""
+    (wr, wg, wb), (r, g, b) = GRAY_WEIGHTS, y.split(1, dim=1)
+    return (r * wr).add_(g, alpha=wg).add_(b, alpha=wb)
+
+
+def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel ((1, C, 1, 1) stats) as one fused multiply-add."""
+    return torch.addcmul(-mean / std, x, 1.0 / std)
 
 
 def _to_device(p: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:

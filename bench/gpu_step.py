@@ -49,6 +49,7 @@ so a timeout keeps what finished):
   ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
   paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
+  paper_graph      paper_nockpt with ``train.cuda_graph=true``
   paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [17, 23], checkpointing, if time is left
 
     python bench/gpu_step.py --out $OUT/gpu.json           # H100: about 8 minutes (budget 560 s)
@@ -126,6 +127,9 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "paper_nockpt", "config": "paper.yaml",
      "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
                    "train.activation_checkpointing=false"], "budget_s": 100},
+    {"name": "paper_graph", "config": "paper.yaml",
+     "overrides": ["teacher.name=vit_base_patch16_dinov3", "teacher.layers=[8,11]",
+                   "train.activation_checkpointing=false", "train.cuda_graph=true"], "budget_s": 110},
     {"name": "paper_vitl_ckpt", "config": "paper.yaml", "overrides": ["train.activation_checkpointing=true"],
      "budget_s": 110},
 ]

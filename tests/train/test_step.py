@@ -61,6 +61,18 @@ def _build(cfg: PretrainConfig, stats: dict, device: str = "cpu") -> TrainStep:
     return TrainStep(task, MultiCrop(cfg.views, stats, seed=cfg.train.seed), optimizer, cfg, dev)
 
 
+RANDOM_TILE_STATS = {"ms": {"mean": [1500.0] * 10, "std": [1000.0] * 10},
+                     "optical": {"mean": [110.0] * 3, "std": [50.0] * 3}}
+
+
+def _random_batch(seed: int, b: int = 4, tile: int = 64) -> dict[str, torch.Tensor]:
+    """A loader batch of random tiles (one row without an optical tile)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"ms": torch.randint(0, 10000, (b, 10, tile, tile), generator=g).to(torch.uint16),
+            "optical": torch.randint(0, 256, (b, 3, tile, tile), generator=g).to(torch.uint8),
+            "has_optical": torch.arange(b) != 1, "ms_gsd": torch.full((b,), 10.0)}
+
+
 SCHEDULES = [(1e-3, 1.0, 0.99), (5e-4, 20.0, 0.9), (2e-3, 10.0, 0.95)]
 """(lr, weight decay, momentum) of three steps: every value changes, as the real schedules do, and the
 decay is large enough to be a good share of each step's change."""
@@ -132,14 +144,8 @@ def test_recorded_forward_runs_on_cuda_tensors_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(deo.data.multicrop, "_ON_DEVICE", {})  # its fake constants stay in this test
     cfg = build_config(PretrainConfig, overrides=[*TINY, "train.precision=fp32"])  # autocast needs a GPU
-    stats = {"ms": {"mean": [1500.0] * 10, "std": [1000.0] * 10},
-             "optical": {"mean": [110.0] * 3, "std": [50.0] * 3}}
-    g = torch.Generator().manual_seed(0)
-    batch = {"ms": torch.randint(0, 10000, (4, 10, 64, 64), generator=g).to(torch.uint16),
-             "optical": torch.randint(0, 256, (4, 3, 64, 64), generator=g).to(torch.uint8),
-             "has_optical": torch.tensor([True, False, True, True]), "ms_gsd": torch.full((4,), 10.0)}
-    step = _build(cfg, stats)
-    host_inputs = step.graph_inputs(batch, [f"s{i}" for i in range(4)], 0, SCHEDULES[0])
+    step = _build(cfg, RANDOM_TILE_STATS)
+    host_inputs = step.graph_inputs(_random_batch(seed=0), [f"s{i}" for i in range(4)], 0, SCHEDULES[0])
     cuda = torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True):
         step.task.to(cuda)  # what TrainStep's owner and __init__ do before the first step
@@ -184,22 +190,22 @@ def test_cuda_graph_options_are_checked():
             build_config(PretrainConfig, overrides=["train.cuda_graph=true", "train.compile=true", bad])
     cfg = build_config(PretrainConfig, overrides=[*TINY, "train.cuda_graph=true"])
     with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
-        _build(cfg, {"ms": {"mean": [1.0] * 10, "std": [1.0] * 10},
-                     "optical": {"mean": [1.0] * 3, "std": [1.0] * 3}})
+        _build(cfg, RANDOM_TILE_STATS)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-3), ("bf16", 2e-2)])
-def test_replayed_cuda_graph_trains_as_the_eager_step(sample_shards, precision, tolerance):
+def test_replayed_cuda_graph_trains_as_the_eager_step(precision, tolerance):
     """train.cuda_graph on a GPU: eager warm-up, one recording, then replays that see each step's batch
     and schedule, and train as the eager step does, where a decay frozen at its first value does not (no
-    stochastic depth: both draw from one generator, in different orders)."""
+    stochastic depth: both draw from one generator, in different orders). Random tiles: the GPU machine
+    has no rasterio to ingest the samples with."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     over = [*TINY, "model.drop_path=0", f"train.precision={precision}"]
-    stats = ShardDataset.open(str(sample_shards)).stats
     n = WARMUP_STEPS + 3
-    batches = shard_batches(str(sample_shards), 4, n)
+    batches = [(_random_batch(seed=i), [f"s{i}.{j}" for j in range(4)]) for i in range(n)]
+    stats = RANDOM_TILE_STATS
     schedules = [(1e-3 * (1 + i % 3), (1.0, 20.0, 10.0)[i % 3], 0.99 - 0.01 * i) for i in range(n)]
     eager = _build(build_config(PretrainConfig, overrides=over), stats, "cuda")
     graphed, frozen = (_build(build_config(PretrainConfig, overrides=[*over, "train.cuda_graph=true"]), stats,

@@ -36,7 +36,6 @@ from deo.train import parallel  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.loop import build_optimizer, configure_models  # noqa: E402
 from deo.train.schedules import Schedules  # noqa: E402
-from deo.train.step import WARMUP_STEPS  # noqa: E402
 from deo.train.step import TrainStep as LoopStep  # noqa: E402
 from deo.train.task import DEOTask  # noqa: E402
 
@@ -167,7 +166,7 @@ class TrainStep:
             The task's loss dict (``loss`` detached).
         """
         self.clock.mark("start")
-        graphed = self.step.graph is not None and self.step.eager_steps >= WARMUP_STEPS
+        graphed = self.step.replays_next
         out = self.step(batch, ids, epoch, step, self.schedules.at(step))
         if graphed:
             self.clock.mark("graph")

@@ -30,7 +30,7 @@ from deo.train.config import PretrainConfig
 from deo.train.metrics import MetricsLog, progress_line
 from deo.train.runtime import Runtime
 from deo.train.schedules import Schedules
-from deo.train.step import TrainStep, autocast_dtype
+from deo.train.step import TrainStep
 
 
 @dataclass
@@ -144,8 +144,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     whole = parallel.WholeStudent(lambda: build_student(cfg.model, cfg.views.global_size).to(device))
     augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
     optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
-    scaler = torch.amp.GradScaler(device.type,
-                                  enabled=autocast_dtype(cfg.train.precision, device) == torch.float16)
+    train_step = TrainStep(task, augment, optimizer, cfg, device)  # its fp16 scaler is checkpointed below
     schedules = Schedules.from_config(cfg.train)
     decode_threads = cfg.train.loader_threads or max(1, min(8, int(cfg.scaling.cpus_per_worker) // 2))
 
@@ -157,12 +156,11 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
         if "optical_teacher" in state and task.teacher is not None:
             task.teacher.load_state_dict(state["optical_teacher"])
         parallel.load_optimizer_state(task.trainable, optimizer, state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        train_step.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         position = DataPosition.from_dict(state["data_position"])
         ckpt.set_rng_state(state["rng"])
     start_step = step
-    train_step = TrainStep(task, augment, optimizer, cfg, device, scaler)
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
     probe = None
@@ -249,7 +247,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             if at_checkpoint:
                 if sums:  # steps since the last logging step: never checkpoint non-finite weights
                     _window_means(sums, window_steps, step)
-                state_out = _checkpoint_state(task, optimizer, scaler, step, position, cfg, stats,
+                state_out = _checkpoint_state(task, optimizer, train_step.scaler, step, position, cfg, stats,
                                               shards.manifest["bands"])
                 if log is not None:
                     log.flush()

@@ -53,8 +53,6 @@ class TrainStep:
         optimizer: AdamW of :func:`deo.train.loop.build_optimizer` (groups carry ``apply_wd``).
         cfg: the ``PretrainConfig``.
         device: where the step runs.
-        scaler: the fp16 grad scaler (its state is checkpointed by the loop); None builds one, enabled
-            only for fp16.
         mark: called with a phase label after each phase of an eager step (``h2d``, ``augment``,
             ``student_fwd``, ``backward``, ``optimizer_ema``); the benchmarks pass their clock.
 
@@ -63,12 +61,12 @@ class TrainStep:
     """
 
     def __init__(self, task: Any, augment: Any, optimizer: torch.optim.Optimizer, cfg: Any,
-                 device: torch.device, scaler: torch.amp.GradScaler | None = None,
-                 mark: Callable[[str], None] | None = None) -> None:
+                 device: torch.device, mark: Callable[[str], None] | None = None) -> None:
         self.task, self.augment, self.optimizer, self.cfg, self.device = task, augment, optimizer, cfg, device
         augment.to(device)
         self.amp = autocast_dtype(cfg.train.precision, device)
-        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        # enabled for fp16 only; the loop checkpoints and restores its state
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.mark = mark or _no_mark
         self.eager_steps = 0
         self.graph: StepGraph | None = None
@@ -105,7 +103,7 @@ class TrainStep:
             g["weight_decay"] = wd if g["apply_wd"] else 0.0
         if self.graph is None:
             return self._eager(batch, ids, epoch, step, schedule)
-        if self.eager_steps < WARMUP_STEPS:
+        if not self.replays_next:
             side = self.graph.side_stream  # warm-up off the default stream, as the capture recipe asks
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -113,6 +111,11 @@ class TrainStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         return self.graph(self.graph_inputs(batch, ids, epoch, schedule))
+
+    @property
+    def replays_next(self) -> bool:
+        """Whether the next call replays the CUDA graph (``train.cuda_graph``, after the warm-up)."""
+        return self.graph is not None and self.eager_steps >= WARMUP_STEPS
 
     def _eager(self, batch: dict[str, torch.Tensor], ids: list[str], epoch: int, step: int,
                schedule: tuple[float, float, float]) -> dict[str, torch.Tensor]:

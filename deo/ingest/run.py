@@ -88,7 +88,13 @@ def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict
 
 # ------------------------------------------------------------------------------------ jobs
 def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
-    """Pack the windows of all planned sources into jobs of at most ``rows_per_file`` tiles.
+    """Pack the windows of all planned sources into jobs of at most ``rows_per_file`` tiles, as even as
+    whole windows allow.
+
+    The fewest files that hold ``rows_per_file`` tiles each get equal shares of the windows (in order),
+    so the jobs, which Ray runs in parallel, take about the same time: filling each file up to
+    ``rows_per_file`` left one small last job, and a worker idle at the end of a one-scene ingest. A
+    window with more than ``rows_per_file`` tiles is a job of its own.
 
     Each job becomes one shard file named ``part-<hash>.parquet`` after its windows and the content
     config, so the same inputs and config always give the same files.
@@ -96,35 +102,52 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     sars = [p for p in plans if "error" not in p and p["kind"] == "s1_pair"]
     good = [p for p in plans if "error" not in p and p["kind"] != "s1_pair"]
     aerials = [p for p in good if p["kind"] == "aerial"]
-    chash = content_hash(cfg)
     wt = cfg.tile.window_tiles
-    jobs: list[dict[str, Any]] = []
-    units: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if units:
-            ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
-            name = "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16]
-            jobs.append({"name": name, "units": list(units)})
-            units.clear()
-
-    count = 0  # tiles in the job being packed (before filtering)
+    # (plan, window, tiles before filtering) in order, and per plan its pairing candidates
+    windows: list[tuple[dict[str, Any], tuple[int, int], int]] = []
+    candidates: dict[int, tuple[list, list]] = {}
     for p in good:
         pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
         sar = sar_candidates(p, sars) if p["kind"] != "aerial" else []
-        unit: dict[str, Any] | None = None
+        candidates[id(p)] = (pairs, sar)
         for wx, wy in windows_of(p, wt):
             n = min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt)
-            if count and count + n > cfg.rows_per_file:
-                flush()
-                count, unit = 0, None
-            if unit is None:
-                unit = {"plan": p, "windows": [], "pairs": pairs, "sars": sar}
-                units.append(unit)
-            unit["windows"].append((wx, wy))
-            count += n
-    flush()
+            windows.append((p, (wx, wy), n))
+    groups = _even_groups([n for _, _, n in windows], cfg.rows_per_file)
+    chash = content_hash(cfg)
+    jobs: list[dict[str, Any]] = []
+    start = 0
+    for size in groups:
+        units: list[dict[str, Any]] = []
+        for p, window, _ in windows[start : start + size]:
+            if not units or units[-1]["plan"] is not p:
+                pairs, sar = candidates[id(p)]
+                units.append({"plan": p, "windows": [], "pairs": pairs, "sars": sar})
+            units[-1]["windows"].append(window)
+        start += size
+        ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
+        jobs.append({"name": "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16], "units": units})
     return jobs
+
+
+def _even_groups(tiles: list[int], limit: int) -> list[int]:
+    """Split consecutive windows of ``tiles`` tiles each into the fewest groups of at most ``limit``
+    tiles (a larger window alone) whose totals are as even as whole windows allow; returns group sizes.
+
+    With ``k`` groups, a window goes to group ``floor(k * midpoint / total)``, its midpoint being the
+    tiles before it plus half its own: boundaries fall near multiples of ``total / k``.
+    """
+    total = sum(tiles)
+    for k in range(max(1, math.ceil(total / limit)), len(tiles) + 1):
+        sizes, sums, before = [0] * k, [0] * k, 0
+        for n in tiles:
+            g = min(k - 1, int(k * (before + n / 2) / total))
+            sizes[g] += 1
+            sums[g] += n
+            before += n
+        if all(t <= limit or c == 1 for t, c in zip(sums, sizes, strict=True)):
+            return [c for c in sizes if c]
+    return [1] * len(tiles)
 
 
 def _job_done(output: str, name: str) -> dict[str, Any] | None:

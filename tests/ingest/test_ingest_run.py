@@ -10,7 +10,7 @@ import pytest
 
 from deo.config import build_config
 from deo.ingest.config import IngestConfig
-from deo.ingest.run import PARTS, ingest
+from deo.ingest.run import PARTS, _even_groups, ingest
 from deo.io import storage
 from deo.io.shards import ShardDataset
 
@@ -97,6 +97,25 @@ def test_rerun_is_idempotent_resumes_and_drops_stale_files(tmp_path, shared_data
     second = ids(out)
     assert len(second) == 4 * len(files) and not set(second) & set(first)
     assert len(list(Path(out).glob("*.parquet"))) == -(-4 * len(files) // 4)
+
+
+def test_shard_jobs_are_even_and_hold_at_most_rows_per_file():
+    # a full 10980 px tile at 256 px: 11 x 11 windows of up to 4 x 4 tiles, the last row and column 2 wide
+    full = [min(4, 42 - 4 * wx) * min(4, 42 - 4 * wy) for wy in range(11) for wx in range(11)]
+    sizes = _even_groups(full, 512)
+    starts = np.cumsum([0, *sizes])
+    totals = [sum(full[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert sum(totals) == 1764 and len(totals) == 4  # the fewest files of <= 512 tiles
+    assert max(totals) - min(totals) <= 16  # one window; filling each file first gave 504/504/504/252
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tiles = rng.integers(1, 20, rng.integers(1, 60)).tolist()
+        limit = int(rng.integers(1, 100))
+        sizes = _even_groups(tiles, limit)
+        assert sum(sizes) == len(tiles) and min(sizes) >= 1
+        starts = np.cumsum([0, *sizes])
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            assert sum(tiles[a:b]) <= limit or b - a == 1
 
 
 @pytest.mark.ray

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The prepared GPU session of bench/RESULTS.md ("Next GPU session"), one call per argument:
 #   bash bench/gpu_session.sh 1   # GPU tests, then ref_eager,ref_graph,ref_compile,ref_compile_graph (timeout_s 450)
-#   bash bench/gpu_session.sh 2   # ref_eager,paper_nockpt,paper_graph,ref_joint_trunk,ref_compile_augment (timeout_s 340)
+#   bash bench/gpu_session.sh 2   # ref_eager,ref_repeat_bias,paper_nockpt,paper_graph,ref_compile_augment (timeout_s 340)
 # Run through the device tool with carry [".whl"] (omegaconf, antlr4 and timm wheels: the machine has
 # torch but not these). Results go to /tmp/g (the compile caches beside them are large) and the JSONs
 # are copied to $OUT when the script ends, however it ends.
@@ -19,7 +19,7 @@ case "${1:-}" in
       --compile-warmup-s 220 --budget-s 390 --out /tmp/g/gpu.json
     ;;
   2)
-    python3 bench/gpu_step.py --only ref_eager,paper_nockpt,paper_graph,ref_joint_trunk,ref_compile_augment \
+    python3 bench/gpu_step.py --only ref_eager,ref_repeat_bias,paper_nockpt,paper_graph,ref_compile_augment \
       --steps 15 --compile-warmup-s 150 --budget-s 310 --out /tmp/g/gpu.json
     ;;
   *)

@@ -21,6 +21,9 @@ so a timeout keeps what finished):
                    step as it was before both changes
   ref_broadcast_bias ref_eager with the unshifted blocks' relative-position bias broadcast over the
                    windows, as before the fourth session (SDPA then took its math path for half the blocks)
+  ref_repeat_bias  ref_eager with the window attention as before the sixth session (baseline): the bias
+                   repeated with unaligned rows (SDPA pads a copy, autograd unpads it) and timm's permuted
+                   q/k/v split (a stack and a permuted copy of the qkv gradient)
   ref_joint_trunk  ref_eager with the MS and optical views of each size in one pass through the shared
                    stages (bench/joint_trunk.py: half the trunk's kernel launches; an experiment)
   ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
@@ -98,6 +101,8 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_fp32_ln", "config": "reference.yaml", "unfused_blocks": True, "fp32_layer_norm": True,
      "baseline": True, "budget_s": 70},
     {"name": "ref_broadcast_bias", "config": "reference.yaml", "broadcast_bias": True, "baseline": True,
+     "budget_s": 70},
+    {"name": "ref_repeat_bias", "config": "reference.yaml", "repeat_bias": True, "baseline": True,
      "budget_s": 70},
     {"name": "ref_joint_trunk", "config": "reference.yaml", "joint_trunk": True, "experiment": True,
      "budget_s": 70},
@@ -353,7 +358,13 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             from window_attn_bench import broadcast_bias
 
             swin_window.window_attention = broadcast_bias
-        rec.update(window_attention=swin_window.window_attention.__name__)
+        if v.get("repeat_bias"):  # the window attention before the sixth session (this child only)
+            from window_attn_bench import permuted_qkv_split, repeated_bias
+
+            swin_window.window_attention = repeated_bias
+            swin_window.split_qkv = permuted_qkv_split
+        rec.update(window_attention=swin_window.window_attention.__name__,
+                   qkv_split=swin_window.split_qkv.__name__)
         if v.get("compile_augment"):  # the experiment: the device half of the augmentation as one graph
             runner.augment.apply = torch.compile(runner.augment.apply, dynamic=False)
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side

@@ -69,6 +69,23 @@ def broadcast_bias(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
+def repeated_bias(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
+    """SDPA as before the sixth session: the bias repeated per window with unaligned rows (N = 49 or 36),
+    which SDPA's memory-efficient kernel copies into a padded one (and autograd back)."""
+    bias = bias.unsqueeze(0).to(q.dtype)
+    if mask is not None:
+        bias = bias + mask.unsqueeze(1).to(q.dtype)
+    bias = bias.repeat(q.shape[0] // bias.shape[0], 1, 1, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+def permuted_qkv_split(qkv, heads):  # noqa: ANN001, ANN201
+    """timm's q, k, v split, as before the sixth session: unbind of a (3, windows, heads, N, hd) permute
+    (its backward: a stack, then a permuted copy into the projection's layout)."""
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
 def explicit(q, k, v, bias, mask, dropout_p=0.0):  # noqa: ANN001, ANN201
     """Scores (B*nW, heads, N, N) with the mask broadcast over images instead of repeated."""
     n = q.shape[-2]

@@ -74,6 +74,49 @@ def _rel_index(win: tuple[int, int], built: tuple[int, int], device: torch.devic
     return (rel[0] + built[0] - 1) * (2 * built[1] - 1) + (rel[1] + built[1] - 1)
 
 
+SDPA_BIAS_ALIGNMENT = 8
+"""Elements: SDPA's memory-efficient CUDA kernel wants every stride of its bias but the last to be a
+multiple of this, and copies a bias that is not into a padded one (``preprocess_mask`` in PyTorch's
+attention.cpp; Inductor's ``sdpa_constraint`` pads to the same)."""
+
+
+class _WindowBias(torch.autograd.Function):
+    """The bias of every window, repeated over the images, written once into rows padded to
+    :data:`SDPA_BIAS_ALIGNMENT` and returned as the unpadded view.
+
+    ``bias.repeat`` gave SDPA an unaligned (N = 49 or 36) bias, which it padded in a second copy (a
+    fill and a copy), and autograd undid that padding with a zero-filled gradient and a third copy;
+    here one copy goes forward and the gradient is summed over the images straight from SDPA's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, bias: torch.Tensor, images: int) -> torch.Tensor:
+        """(nW, heads, N, N) -> (images * nW, heads, N, N) with 8-aligned row strides."""
+        nw, heads, n, _ = bias.shape
+        ctx.windows = nw
+        row = -(-n // SDPA_BIAS_ALIGNMENT) * SDPA_BIAS_ALIGNMENT
+        out = bias.new_empty(images, nw, heads, n, row)[..., :n]
+        out.copy_(bias.unsqueeze(0).expand(images, -1, -1, -1, -1))
+        return out.flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(images * nW, heads, N, N) -> (nW, heads, N, N): the sum over the images."""
+        return grad.unflatten(0, (-1, ctx.windows)).sum(0), None
+
+
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(windows, N, 3 * C) projection -> q, k, v, each (windows, heads, N, C / heads), as views.
+
+    Split along the (windows, N, 3, heads, hd) layout the projection writes: autograd then stacks the
+    three gradients straight into that layout (one copy). Unbinding timm's (3, windows, heads, N, hd)
+    permute took a stack and then a permuted copy of the whole qkv gradient.
+    """
+    qkv = qkv.unflatten(-1, (3, heads, -1))
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return q, k, v
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,7 +142,11 @@ def window_attention(
     # one bias per window (window w of every image gets mask[w]), materialised: SDPA's memory-efficient
     # and cuDNN kernels refuse a bias broadcast over the windows and fall back to the math path (3.6x
     # slower forward on an H100, torch 2.11, bench/RESULTS.md)
-    bias = bias.repeat(q.shape[0] // bias.shape[0], 1, 1, 1)  # (images * nW, heads, N, N)
+    images = q.shape[0] // bias.shape[0]
+    if torch.compiler.is_compiling():  # Inductor aligns SDPA's bias itself, and traces no autograd.Function
+        bias = bias.repeat(images, 1, 1, 1)
+    else:
+        bias = _WindowBias.apply(bias, images)  # (images * nW, heads, N, N)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
@@ -203,8 +250,7 @@ class AdaptiveWindowBlock(SwinTransformerBlock):
             xw = window_partition(x, win).view(-1, n, c)  # (B*nW, N, C)
 
         attn = self.attn
-        qkv = attn.qkv(xw).reshape(xw.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (nW*B, heads, N, hd)
+        q, k, v = split_qkv(attn.qkv(xw), attn.num_heads)  # (nW*B, heads, N, hd)
         bias = (
             attn.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         )  # (heads, N, N)

@@ -189,10 +189,12 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
         assert not torch.allclose(y_f, stage.eval()(x), atol=1e-3)
 
 
-def test_window_attention_gives_sdpa_one_bias_per_window(monkeypatch):
+def test_window_attention_gives_sdpa_one_aligned_bias_per_window(monkeypatch):
     """Every block hands SDPA a (windows, heads, N, N) bias, never one broadcast over windows: with a
     broadcast bias the fused CUDA kernels refuse it and SDPA takes its math path (3.6x slower forward
-    on an H100). The values equal q k^T / sqrt(d) + bias (+ mask), softmax, @ v."""
+    on an H100). Its strides are multiples of 8 elements, so SDPA's memory-efficient kernel takes it as
+    it is instead of copying it into a padded one. The values equal q k^T / sqrt(d) + bias (+ mask),
+    softmax, @ v, and the bias gradient equals that of a repeated bias."""
     import torch.nn.functional as F
 
     from deo.models import swin_window
@@ -201,26 +203,55 @@ def test_window_attention_gives_sdpa_one_bias_per_window(monkeypatch):
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        seen.append((q.shape[0], tuple(attn_mask.shape), attn_mask.stride(0)))
+        seen.append((q.shape[0], tuple(attn_mask.shape), attn_mask.stride()))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(swin_window.F, "scaled_dot_product_attention", spy)
     images, nw, heads, n, hd = 3, 4, 2, 9, 8
-    q, k, v = (torch.randn(images * nw, heads, n, hd) for _ in range(3))
-    bias, mask = torch.randn(heads, n, n), torch.randn(nw, n, n)
+    q, k, v = (torch.randn(images * nw, heads, n, hd, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(heads, n, n, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(nw, n, n, dtype=torch.float64)
     for m in (None, mask):
         out = swin_window.window_attention(q, k, v, bias, m)
         scores = (q @ k.transpose(-2, -1)) * hd**-0.5 + bias
         if m is not None:
             scores = scores + m.repeat(images, 1, 1).unsqueeze(1)
-        torch.testing.assert_close(out, scores.softmax(-1) @ v)
-    assert seen == [(images * nw, (images * nw, heads, n, n), heads * n * n)] * 2
+        want = scores.softmax(-1) @ v
+        torch.testing.assert_close(out, want)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, bias, g)[0], torch.autograd.grad(want, bias, g)[0])
+    assert seen == [(images * nw, (images * nw, heads, n, n), (heads * n * 16, n * 16, 16, 1))] * 2
 
     # and inside the Swin blocks, shifted and not, global and local grids
     seen.clear()
     swin = build_swin("swin_deo_tiny", 64)
     swin.layers(torch.randn(2, 16, 16, 32))
-    assert seen and all(b == shape[0] and stride > 0 for b, shape, stride in seen)
+    assert seen and all(b == shape[0] for b, shape, _ in seen)
+    assert all(st[-1] == 1 and all(x % 8 == 0 and x > 0 for x in st[:-1]) for _, _, st in seen)
+
+
+def test_block_backward_stacks_the_qkv_gradient_in_the_projection_layout():
+    """The q, k and v gradients of a block are stacked once, straight into the (windows, N, 3, heads, hd)
+    layout of the qkv projection: no (3, windows, heads, N, hd) stack followed by a permuted copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stacks = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.stack, torch.ops.aten.cat) and out.dim() == 5:
+                stacks.append(tuple(out.shape))
+            return out
+
+    swin = build_swin("swin_deo_tiny", 64)
+    block = swin.layers[0].blocks[1]  # shifted, window 8 on a 16 x 16 grid: 4 windows per image
+    x = torch.randn(2, 16, 16, block.norm1.normalized_shape[0], requires_grad=True)
+    y = block(x)
+    with Spy():
+        y.square().mean().backward()
+    heads = block.attn.num_heads
+    assert stacks == [(8, 64, 3, heads, x.shape[-1] // heads)]
 
 
 @pytest.mark.gpu

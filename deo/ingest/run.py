@@ -88,13 +88,15 @@ def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict
 
 # ------------------------------------------------------------------------------------ jobs
 def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
-    """Pack the windows of all planned sources into jobs of at most ``rows_per_file`` tiles, as even as
-    whole windows allow.
+    """Pack the windows of all planned sources into jobs of at most ``rows_per_file`` tiles.
 
-    The fewest files that hold ``rows_per_file`` tiles each get equal shares of the windows (in order),
-    so the jobs, which Ray runs in parallel, take about the same time: filling each file up to
-    ``rows_per_file`` left one small last job, and a worker idle at the end of a one-scene ingest. A
-    window with more than ``rows_per_file`` tiles is a job of its own.
+    A source with at least ``rows_per_file`` tiles (a Sentinel-2 scene) is split on its own into the
+    fewest jobs that hold it, as even as whole windows allow (:func:`_even_groups`): the jobs of a scene,
+    which Ray runs in parallel, then take about the same time, where filling each file first left one
+    small last job and a worker idle at the end of a one-scene ingest. Smaller sources (patches, aerial
+    images) fill shared jobs one after another. Either way a job's windows depend only on its own
+    sources, so adding or losing a source leaves the other sources' jobs (and finished files) as they
+    were. A window with more than ``rows_per_file`` tiles is a job of its own.
 
     Each job becomes one shard file named ``part-<hash>.parquet`` after its windows and the content
     config, so the same inputs and config always give the same files.
@@ -102,52 +104,69 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     sars = [p for p in plans if "error" not in p and p["kind"] == "s1_pair"]
     good = [p for p in plans if "error" not in p and p["kind"] != "s1_pair"]
     aerials = [p for p in good if p["kind"] == "aerial"]
-    wt = cfg.tile.window_tiles
-    # (plan, window, tiles before filtering) in order, and per plan its pairing candidates
-    windows: list[tuple[dict[str, Any], tuple[int, int], int]] = []
-    candidates: dict[int, tuple[list, list]] = {}
+    wt, limit = cfg.tile.window_tiles, cfg.rows_per_file
+    chash = content_hash(cfg)
+    jobs: list[dict[str, Any]] = []
+
+    def add_job(units: list[dict[str, Any]]) -> None:
+        ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
+        jobs.append({"name": "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16], "units": units})
+
+    shared: list[dict[str, Any]] = []  # the job small sources are filling
+    count = 0  # its tiles (before filtering)
     for p in good:
         pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
         sar = sar_candidates(p, sars) if p["kind"] != "aerial" else []
-        candidates[id(p)] = (pairs, sar)
-        for wx, wy in windows_of(p, wt):
-            n = min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt)
-            windows.append((p, (wx, wy), n))
-    groups = _even_groups([n for _, _, n in windows], cfg.rows_per_file)
-    chash = content_hash(cfg)
-    jobs: list[dict[str, Any]] = []
-    start = 0
-    for size in groups:
-        units: list[dict[str, Any]] = []
-        for p, window, _ in windows[start : start + size]:
-            if not units or units[-1]["plan"] is not p:
-                pairs, sar = candidates[id(p)]
-                units.append({"plan": p, "windows": [], "pairs": pairs, "sars": sar})
-            units[-1]["windows"].append(window)
-        start += size
-        ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
-        jobs.append({"name": "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16], "units": units})
+        windows = windows_of(p, wt)
+        tiles = [min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt) for wx, wy in windows]
+        if sum(tiles) >= limit:
+            start = 0
+            for size in _even_groups(tiles, limit):
+                add_job([{"plan": p, "windows": windows[start : start + size], "pairs": pairs, "sars": sar}])
+                start += size
+            continue
+        for window, n in zip(windows, tiles, strict=True):
+            if count and count + n > limit:
+                add_job(shared)
+                shared, count = [], 0
+            if not shared or shared[-1]["plan"] is not p:
+                shared.append({"plan": p, "windows": [], "pairs": pairs, "sars": sar})
+            shared[-1]["windows"].append(window)
+            count += n
+    if shared:
+        add_job(shared)
     return jobs
+
+
+def _fill(tiles: list[int], cap: int) -> list[int]:
+    """Group sizes of consecutive windows filled in order up to ``cap`` tiles (a larger window alone)."""
+    sizes: list[int] = []
+    total = 0
+    for n in tiles:
+        if not sizes or total + n > cap:
+            sizes.append(0)
+            total = 0
+        sizes[-1] += 1
+        total += n
+    return sizes
 
 
 def _even_groups(tiles: list[int], limit: int) -> list[int]:
     """Split consecutive windows of ``tiles`` tiles each into the fewest groups of at most ``limit``
-    tiles (a larger window alone) whose totals are as even as whole windows allow; returns group sizes.
+    tiles (a larger window alone), with the largest group as small as that allows; returns group sizes.
 
-    With ``k`` groups, a window goes to group ``floor(k * midpoint / total)``, its midpoint being the
-    tiles before it plus half its own: boundaries fall near multiples of ``total / k``.
+    Filling in order up to ``limit`` gives the fewest groups. The smallest cap that still gives that
+    many (found by bisection: fewer tiles per group never means fewer groups) evens them out.
     """
-    total = sum(tiles)
-    for k in range(max(1, math.ceil(total / limit)), len(tiles) + 1):
-        sizes, sums, before = [0] * k, [0] * k, 0
-        for n in tiles:
-            g = min(k - 1, int(k * (before + n / 2) / total))
-            sizes[g] += 1
-            sums[g] += n
-            before += n
-        if all(t <= limit or c == 1 for t, c in zip(sums, sizes, strict=True)):
-            return [c for c in sizes if c]
-    return [1] * len(tiles)
+    fewest = len(_fill(tiles, limit))
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_fill(tiles, mid)) <= fewest:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _fill(tiles, lo)
 
 
 def _job_done(output: str, name: str) -> dict[str, Any] | None:

@@ -84,9 +84,10 @@ class _WindowBias(torch.autograd.Function):
     """The bias of every window, repeated over the images, written once into rows padded to
     :data:`SDPA_BIAS_ALIGNMENT` and returned as the unpadded view.
 
-    ``bias.repeat`` gave SDPA an unaligned (N = 49 or 36) bias, which it padded in a second copy (a
-    fill and a copy), and autograd undid that padding with a zero-filled gradient and a third copy;
-    here one copy goes forward and the gradient is summed over the images straight from SDPA's.
+    ``bias.repeat`` gave SDPA an unaligned (N = 49 or 36) bias, which its memory-efficient kernel (the
+    one that computes a bias gradient) padded in a second copy (a fill and a copy), and autograd undid
+    that padding with a zero-filled gradient and a third copy; here one copy goes forward and the
+    gradient is summed over the images straight from SDPA's.
     """
 
     @staticmethod
@@ -143,10 +144,13 @@ def window_attention(
     # and cuDNN kernels refuse a bias broadcast over the windows and fall back to the math path (3.6x
     # slower forward on an H100, torch 2.11, bench/RESULTS.md)
     images = q.shape[0] // bias.shape[0]
-    if torch.compiler.is_compiling():  # Inductor aligns SDPA's bias itself, and traces no autograd.Function
-        bias = bias.repeat(images, 1, 1, 1)
+    if bias.requires_grad and not torch.compiler.is_compiling():
+        bias = _WindowBias.apply(bias, images)  # (images * nW, heads, N, N), 8-aligned rows
     else:
-        bias = _WindowBias.apply(bias, images)  # (images * nW, heads, N, N)
+        # compiled, Inductor aligns SDPA's bias itself (``sdpa_constraint``), and a custom autograd.Function
+        # would keep AOTAutograd from caching the graph; without a gradient (the EMA teacher) SDPA took
+        # the cuDNN kernel on the H100 (torch 2.11), which never padded: the contiguous bias it had
+        bias = bias.repeat(images, 1, 1, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 

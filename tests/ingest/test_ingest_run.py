@@ -102,20 +102,49 @@ def test_rerun_is_idempotent_resumes_and_drops_stale_files(tmp_path, shared_data
 def test_shard_jobs_are_even_and_hold_at_most_rows_per_file():
     # a full 10980 px tile at 256 px: 11 x 11 windows of up to 4 x 4 tiles, the last row and column 2 wide
     full = [min(4, 42 - 4 * wx) * min(4, 42 - 4 * wy) for wy in range(11) for wx in range(11)]
-    sizes = _even_groups(full, 512)
-    starts = np.cumsum([0, *sizes])
-    totals = [sum(full[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    totals = _group_totals(full, _even_groups(full, 512))
     assert sum(totals) == 1764 and len(totals) == 4  # the fewest files of <= 512 tiles
-    assert max(totals) - min(totals) <= 16  # one window; filling each file first gave 504/504/504/252
+    assert max(totals) <= 1764 / 4 + 16  # within a window of an even share; filling first gave 504 x 3 + 252
+    assert _even_groups([17, 23, 48, 4], 51) == [2, 1, 1] and _even_groups([100, 1, 1], 10) == [1, 2]
     rng = np.random.default_rng(0)
     for _ in range(300):
         tiles = rng.integers(1, 20, rng.integers(1, 60)).tolist()
         limit = int(rng.integers(1, 100))
         sizes = _even_groups(tiles, limit)
         assert sum(sizes) == len(tiles) and min(sizes) >= 1
-        starts = np.cumsum([0, *sizes])
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
-            assert sum(tiles[a:b]) <= limit or b - a == 1
+        for total, size in zip(_group_totals(tiles, sizes), sizes, strict=True):
+            assert total <= limit or size == 1
+        # the fewest groups: filling each group in order up to the limit makes no fewer
+        fill, total = 1, 0
+        for n in tiles:
+            if total and total + n > limit:
+                fill, total = fill + 1, 0
+            total += n
+        assert len(sizes) == fill
+
+
+def _group_totals(tiles: list[int], sizes: list[int]) -> list[int]:
+    starts = np.cumsum([0, *sizes])
+    return [sum(tiles[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_adding_a_source_keeps_the_other_sources_jobs():
+    """A resumed ingest whose inputs grew (or lost a source to a failed probe) keeps the finished files of
+    the other sources: each scene is split on its own, and small sources fill jobs in order."""
+    from deo.ingest.run import plan_jobs
+
+    def scene(i, tiles_x=42, tiles_y=42):
+        return {"kind": "s2_bands", "key": f"s{i}", "uri": f"scene{i}", "tiles_x": tiles_x, "tiles_y": tiles_y,
+                "bounds": (0, 0, 1, 1)}
+
+    cfg = build_config(IngestConfig, overrides=["rows_per_file=512", "pair=false", "aerial=[]"])
+    plans = [scene(0), scene(1, 1, 1), scene(2), scene(3, 2, 2)]
+    names = {j["name"] for j in plan_jobs(plans, cfg)}
+    assert len(names) == 4 + 1 + 4  # two scenes of 4 even jobs, and one shared job of the two small ones
+    grown = {j["name"] for j in plan_jobs([*plans[:2], scene(9), *plans[2:]], cfg)}
+    assert names <= grown and len(grown - names) == 4
+    lost = {j["name"] for j in plan_jobs([plans[0], *plans[2:]], cfg)}
+    assert len(names - lost) == 1  # only the shared job that held the lost small source
 
 
 @pytest.mark.ray

@@ -192,8 +192,8 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
 def test_window_attention_gives_sdpa_one_aligned_bias_per_window(monkeypatch):
     """Every block hands SDPA a (windows, heads, N, N) bias, never one broadcast over windows: with a
     broadcast bias the fused CUDA kernels refuse it and SDPA takes its math path (3.6x slower forward
-    on an H100). Its strides are multiples of 8 elements, so SDPA's memory-efficient kernel takes it as
-    it is instead of copying it into a padded one. The values equal q k^T / sqrt(d) + bias (+ mask),
+    on an H100). With a gradient, its strides are multiples of 8 elements, so SDPA's memory-efficient
+    kernel takes it as it is instead of copying it into a padded one. The values equal q k^T / sqrt(d) + bias (+ mask),
     softmax, @ v, and the bias gradient equals that of a repeated bias."""
     import torch.nn.functional as F
 
@@ -228,6 +228,11 @@ def test_window_attention_gives_sdpa_one_aligned_bias_per_window(monkeypatch):
     swin.layers(torch.randn(2, 16, 16, 32))
     assert seen and all(b == shape[0] for b, shape, _ in seen)
     assert all(st[-1] == 1 and all(x % 8 == 0 and x > 0 for x in st[:-1]) for _, _, st in seen)
+    # without a gradient (the EMA teacher) the bias stays contiguous: the H100 ran those on cuDNN, unpadded
+    seen.clear()
+    with torch.no_grad():
+        swin.layers(torch.randn(2, 16, 16, 32))
+    assert seen and all(st == torch.empty(shape).stride() for _, shape, st in seen)
 
 
 def test_block_backward_stacks_the_qkv_gradient_in_the_projection_layout():
@@ -276,3 +281,39 @@ def test_fused_window_attention_matches_the_math_path_with_bias_gradients_on_cud
         runs[name] = (out.float(), xi.grad, table.clone())
     for got, want in zip(runs["fused"], runs["math"], strict=True):
         assert float((got - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_efficient_attention_takes_the_window_bias_without_padding_it_on_cuda():
+    """With a gradient, the Swin blocks' bias reaches SDPA's memory-efficient kernel with 8-aligned rows,
+    so SDPA pads no copy of it (``constant_pad_nd``), forward or backward; ``repeat`` would be padded."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from deo.models import swin_window
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    stage = build_swin("swin_tiny_patch4_window7_224", 224).cuda().layers[0]  # N = 49: unaligned rows
+    x = torch.randn(2, 56, 56, stage.dim, device="cuda", requires_grad=True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
+        with Ops() as ops:
+            stage(x).float().square().mean().backward()
+        assert "_scaled_dot_product_efficient_attention" in ops.names and "constant_pad_nd" not in ops.names
+        # the control: the repeated bias of before is padded by SDPA
+        q = torch.randn(8, 3, 49, 32, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(1, 3, 49, 49, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with Ops() as ops:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=bias.repeat(8, 1, 1, 1))
+        assert "constant_pad_nd" in ops.names
+        with Ops() as ops:
+            swin_window.window_attention(q, q, q, bias[0], None)
+        assert "constant_pad_nd" not in ops.names

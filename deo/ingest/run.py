@@ -94,9 +94,10 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     fewest jobs that hold it, as even as whole windows allow (:func:`_even_groups`): the jobs of a scene,
     which Ray runs in parallel, then take about the same time, where filling each file first left one
     small last job and a worker idle at the end of a one-scene ingest. Smaller sources (patches, aerial
-    images) fill shared jobs one after another. Either way a job's windows depend only on its own
-    sources, so adding or losing a source leaves the other sources' jobs (and finished files) as they
-    were. A window with more than ``rows_per_file`` tiles is a job of its own.
+    images) fill shared jobs one after another. A scene's jobs depend only on that scene, so adding or
+    losing a source leaves every other scene's jobs (and finished files) as they were; shared jobs are
+    repacked from the first changed small source on. A window with more than ``rows_per_file`` tiles is
+    a job of its own.
 
     Each job becomes one shard file named ``part-<hash>.parquet`` after its windows and the content
     config, so the same inputs and config always give the same files.

@@ -109,33 +109,33 @@ def plan_jobs(plans: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, 
     chash = content_hash(cfg)
     jobs: list[dict[str, Any]] = []
 
-    def add_job(units: list[dict[str, Any]]) -> None:
-        ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
-        jobs.append({"name": "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16], "units": units})
+    def add_jobs(entries: list[tuple[dict[str, Any], list, list, tuple[int, int]]], sizes: list[int]) -> None:
+        """One job per group of ``sizes`` consecutive (plan, pairs, sars, window) entries."""
+        start = 0
+        for size in sizes:
+            units: list[dict[str, Any]] = []
+            for p, pairs, sar, window in entries[start : start + size]:
+                if not units or units[-1]["plan"] is not p:
+                    units.append({"plan": p, "windows": [], "pairs": pairs, "sars": sar})
+                units[-1]["windows"].append(window)
+            start += size
+            ident = json.dumps([[u["plan"]["key"], u["windows"]] for u in units]) + chash
+            jobs.append({"name": "part-" + hashlib.sha1(ident.encode()).hexdigest()[:16], "units": units})
 
-    shared: list[dict[str, Any]] = []  # the job small sources are filling
-    count = 0  # its tiles (before filtering)
+    small: list[tuple[dict[str, Any], list, list, tuple[int, int]]] = []  # sources below the limit, in order
+    small_tiles: list[int] = []
     for p in good:
         pairs = pair_candidates(p, aerials) if (cfg.pair and p["kind"] != "aerial") else []
         sar = sar_candidates(p, sars) if p["kind"] != "aerial" else []
         windows = windows_of(p, wt)
+        entries = [(p, pairs, sar, w) for w in windows]
         tiles = [min(wt, p["tiles_x"] - wx * wt) * min(wt, p["tiles_y"] - wy * wt) for wx, wy in windows]
         if sum(tiles) >= limit:
-            start = 0
-            for size in _even_groups(tiles, limit):
-                add_job([{"plan": p, "windows": windows[start : start + size], "pairs": pairs, "sars": sar}])
-                start += size
-            continue
-        for window, n in zip(windows, tiles, strict=True):
-            if count and count + n > limit:
-                add_job(shared)
-                shared, count = [], 0
-            if not shared or shared[-1]["plan"] is not p:
-                shared.append({"plan": p, "windows": [], "pairs": pairs, "sars": sar})
-            shared[-1]["windows"].append(window)
-            count += n
-    if shared:
-        add_job(shared)
+            add_jobs(entries, _even_groups(tiles, limit))
+        else:
+            small += entries
+            small_tiles += tiles
+    add_jobs(small, _fill(small_tiles, limit))
     return jobs
 
 

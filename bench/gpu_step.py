@@ -11,8 +11,11 @@ steps, and for the first variant the FLOPs of one step (``FlopCounterMode``: for
 module, teachers included, augmentation excluded) and MFU = FLOPs / step time / peak (989 TFLOP/s dense
 bf16, H100 SXM; ``--peak-tflops``).
 
-Variants, in order (each in a forked child with a wall-clock limit; the JSON is rewritten after each,
-so a timeout keeps what finished):
+Variants, in this order, or in the order ``--only`` names them (each in a forked child with a
+wall-clock limit; the JSON is rewritten after each, so a timeout keeps what finished). The first
+compiled variant of a run starts from empty Inductor and Triton caches (cold: its first step compiles,
+and it saves what it compiled as a ``train.compile_cache`` bundle next to ``--out``); later ones reuse
+those caches (warm), except ref_compile_bundles (``--keep-caches``: no variant starts cold):
   ref_eager        swin_tiny + ViT-B/16 DINOv3 [8, 11], 2x224 + 10x96, batch 64, bf16; FLOPs/MFU; a
                    torch.profiler table of the ops and kernels with most GPU time, and GPU busy time
   ref_unfused      ref_eager with timm's roll + window partition / reverse + roll and separate
@@ -34,17 +37,16 @@ so a timeout keeps what finished):
                    the loader (issue 10: < 2 %)
   ref_compile      the same with ``train.compile=true`` (regional: Swin blocks and patch mergings of
                    student and EMA teacher, one graph per stage/shift/crop size, and DINOv3's blocks,
-                   one graph), cold Inductor cache, with a profile; skipped when the
-                   warm-up (compilation) exceeds ``--compile-warmup-s``
-                   (it saves what it compiled as a ``train.compile_cache`` bundle next to ``--out``)
-  ref_compile_bundles ref_compile in a process with EMPTY Inductor and Triton caches that loads
-                   ref_compile's bundle first: a resumed run or restarted worker on another machine
-  ref_compile_warm ref_compile again, now with the Inductor cache ref_compile filled (a resumed run, or
-                   a second worker on the node)
+                   one graph), with a profile; skipped when the warm-up (compilation) exceeds
+                   ``--compile-warmup-s``
+  ref_compile_bundles ref_compile in a process with EMPTY Inductor and Triton caches that loads the
+                   bundle of the run's cold variant first: a resumed run or restarted worker on another
+                   machine
+  ref_compile_warm ref_compile again, from the caches an earlier compiled variant filled (a resumed
+                   run, or a second worker on the node)
   ref_graph        ref_eager with ``train.cuda_graph=true``: 3 eager steps, then the whole step recorded
                    once as a CUDA graph and replayed (no kernel launches from the host), with a profile
-  ref_compile_graph ref_compile with ``train.cuda_graph=true`` (compiled regions inside the step's graph;
-                   it reuses the Inductor cache ref_compile filled when both run in one call)
+  ref_compile_graph ref_compile with ``train.cuda_graph=true`` (compiled regions inside the step's graph)
   ref_compile_augment ref_compile with the multi-crop augmentation (``MultiCrop.apply``, one graph)
                    compiled too: an experiment (13-15 ms uncompiled on the H100; on the 2-core CPU
                    Inductor's version was 1.9x slower than eager, so it is not in ``train.compile``)
@@ -110,7 +112,7 @@ VARIANTS: list[dict[str, Any]] = [
      "budget_s": 90},
     {"name": "ref_loader", "config": "reference.yaml", "loader": True, "budget_s": 110},
     {"name": "ref_compile", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 170,
-     "compile": True, "cold": True, "profile": True},
+     "compile": True, "profile": True},
     {"name": "ref_compile_bundles", "config": "reference.yaml", "overrides": ["train.compile=true"],
      "budget_s": 150, "compile": True, "fresh_caches": True},
     {"name": "ref_compile_warm", "config": "reference.yaml", "overrides": ["train.compile=true"], "budget_s": 150,
@@ -338,7 +340,7 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             rec.update(bundles_loaded=len(bundles.loaded), bundle_load_s=round(load_s, 2))
         elif v.get("compile"):  # this script's own local caches: cold and warm mean what they say
             local = Path(args.out + ".inductor")
-            if v.get("cold"):
+            if v["name"] == args.cold:
                 import shutil
 
                 shutil.rmtree(local, ignore_errors=True)
@@ -418,7 +420,7 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             i += 1
             rec.update(warmup_step_s=warm)
             print(f"[{v['name']}] warm-up step {len(warm)}: {warm[-1]:.2f} s", flush=True)
-            if bundles is not None and v.get("cold") and (saved := bundles.save()):
+            if bundles is not None and v["name"] == args.cold and (saved := bundles.save()):
                 # what this run compiled, for ref_compile_bundles (kept even if the guard stops it next)
                 rec.update(bundle_saved_mb=round(os.path.getsize(saved) / 2**20, 1))
             if sum(warm) > limit:
@@ -492,6 +494,27 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         rec.update(wall_s=round(time.perf_counter() - t0, 1))
 
 
+def plan_variants(only: str, keep_caches: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+    """The variants to run, in order, and the one that compiles cold (None: none does).
+
+    Args:
+        only: ``--only``: comma-separated names, run in that order ("" runs all of :data:`VARIANTS`).
+        keep_caches: ``--keep-caches``: every compiled variant reuses the caches already next to ``--out``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    by_name = {v["name"]: v for v in VARIANTS}
+    names = [n for n in only.split(",") if n] or list(by_name)
+    if bad := sorted(set(names) - set(by_name)):
+        raise ValueError(f"--only must name variants of {list(by_name)}, got {bad}")
+    chosen = [by_name[n] for n in names]
+    # the first compiled variant compiles from empty caches; later ones reuse them
+    cold = None if keep_caches else next(
+        (v["name"] for v in chosen if v.get("compile") and not v.get("fresh_caches")), None)
+    return chosen, cold
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the variants in forked children within ``--budget-s`` and write the summary JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -508,16 +531,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="bf16 dense peak for MFU")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (smoke)")
     ap.add_argument("--loader-threads", type=int, default=4, help="ShardLoader decode threads (ref_loader)")
+    ap.add_argument("--keep-caches", action="store_true",
+                    help="no cold variant: the first compiled variant too reuses the caches next to --out (from "
+                         "an earlier call on the same machine)")
     args = ap.parse_args(argv)
     defaults = {"steps": (20, 2), "warmup": (4, 1), "batch": (64, 4), "tile": (256, 64), "budget_s": (560, 50),
                 "compile_warmup_s": (120, 8)}
     for k, (full, smoke) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, smoke if args.smoke else full)
-    names = [v["name"] for v in VARIANTS]
-    chosen = [n for n in args.only.split(",") if n] or names
-    if bad := sorted(set(chosen) - set(names)):
-        raise ValueError(f"--only must name variants of {names}, got {bad}")
+    chosen, args.cold = plan_variants(args.only, args.keep_caches)
     start = time.perf_counter()
     summary: dict[str, Any] = {
         "command": "python bench/gpu_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -534,9 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.write_text(json.dumps(summary, indent=1, default=str))
 
     ctx = mp.get_context("fork")  # children inherit the imports; the parent never initialises CUDA
-    for v in VARIANTS:
-        if v["name"] not in chosen:
-            continue
+    for v in chosen:
         left = args.budget_s - (time.perf_counter() - start)
         # smoke: CPU inductor compiles for minutes, so the compiled variant exercises the time guard
         own = (args.compile_warmup_s + 6 if v.get("compile") else left) if args.smoke else v["budget_s"]

@@ -67,3 +67,18 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     task = DEOTask(cfg)
     assert ref["trainable_params"] == sum(p.numel() for p in task.trainable.parameters())
     assert summary["best_reference"]["variant"] == "ref_eager"
+
+
+def test_variants_run_in_the_order_named_and_the_first_compiled_one_starts_cold():
+    """The prepared GPU calls put the candidate first: it must compile cold, and later ones reuse its caches."""
+    chosen, cold = gpu_step.plan_variants("ref_eager,ref_compile_graph,ref_compile,ref_graph")
+    assert [v["name"] for v in chosen] == ["ref_eager", "ref_compile_graph", "ref_compile", "ref_graph"]
+    assert cold == "ref_compile_graph"
+    assert gpu_step.plan_variants("ref_eager,ref_compile_graph", keep_caches=True)[1] is None
+    # a process that loads the bundles is never the cold one; all variants run in the listed order
+    assert gpu_step.plan_variants("ref_compile_bundles,ref_compile")[1] == "ref_compile"
+    everything, cold = gpu_step.plan_variants("")
+    assert [v["name"] for v in everything] == [v["name"] for v in gpu_step.VARIANTS] and cold == "ref_compile"
+    assert gpu_step.plan_variants("ref_eager")[1] is None
+    with pytest.raises(ValueError, match="ref_nope"):
+        gpu_step.plan_variants("ref_eager,ref_nope")

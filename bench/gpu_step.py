@@ -50,6 +50,8 @@ those caches (warm), except ref_compile_bundles (``--keep-caches``: no variant s
   ref_compile_augment ref_compile with the multi-crop augmentation (``MultiCrop.apply``, one graph)
                    compiled too: an experiment (13-15 ms uncompiled on the H100; on the 2-core CPU
                    Inductor's version was 1.9x slower than eager, so it is not in ``train.compile``)
+  ref_compile_augment_graph ref_compile_graph with the augmentation compiled too (the same experiment,
+                   inside the step's CUDA graph)
   ref_compile_cudagraphs  ref_compile with ``train.compile_mode=reduce-overhead`` (CUDA graphs per region)
   ref_compile_broadcast   ref_compile with the bias broadcast as in ref_broadcast_bias (baseline)
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
@@ -124,6 +126,9 @@ VARIANTS: list[dict[str, Any]] = [
      "budget_s": 170, "compile": True, "profile": True},
     {"name": "ref_compile_augment", "config": "reference.yaml", "overrides": ["train.compile=true"],
      "compile_augment": True, "experiment": True, "budget_s": 170, "compile": True},
+    {"name": "ref_compile_augment_graph", "config": "reference.yaml",
+     "overrides": ["train.compile=true", "train.cuda_graph=true"], "compile_augment": True, "experiment": True,
+     "budget_s": 170, "compile": True},
     {"name": "ref_compile_cudagraphs", "config": "reference.yaml",
      "overrides": ["train.compile=true", "train.compile_mode=reduce-overhead"], "budget_s": 170, "compile": True},
     {"name": "ref_compile_broadcast", "config": "reference.yaml", "overrides": ["train.compile=true"],

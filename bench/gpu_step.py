@@ -47,6 +47,9 @@ those caches (warm), except ref_compile_bundles (``--keep-caches``: no variant s
   ref_graph        ref_eager with ``train.cuda_graph=true``: 3 eager steps, then the whole step recorded
                    once as a CUDA graph and replayed (no kernel launches from the host), with a profile
   ref_compile_graph ref_compile with ``train.cuda_graph=true`` (compiled regions inside the step's graph)
+  ref_compile_graph_overlap ref_compile_graph with ``train.overlap_teachers=true``: the teachers on a second
+                   stream, a parallel branch of the graph beside the student's forward (its phase split
+                   is not meaningful: the teachers' marks sit on their own stream)
   ref_compile_augment ref_compile with the multi-crop augmentation (``MultiCrop.apply``, one graph)
                    compiled too: an experiment (13-15 ms uncompiled on the H100; on the 2-core CPU
                    Inductor's version was 1.9x slower than eager, so it is not in ``train.compile``)
@@ -124,6 +127,9 @@ VARIANTS: list[dict[str, Any]] = [
     {"name": "ref_compile_graph", "config": "reference.yaml", "overrides": ["train.compile=true",
                                                                          "train.cuda_graph=true"],
      "budget_s": 170, "compile": True, "profile": True},
+    {"name": "ref_compile_graph_overlap", "config": "reference.yaml",
+     "overrides": ["train.compile=true", "train.cuda_graph=true", "train.overlap_teachers=true"],
+     "experiment": True, "budget_s": 170, "compile": True},
     {"name": "ref_compile_augment", "config": "reference.yaml", "overrides": ["train.compile=true"],
      "compile_augment": True, "experiment": True, "budget_s": 170, "compile": True},
     {"name": "ref_compile_augment_graph", "config": "reference.yaml",

@@ -66,6 +66,11 @@ class TrainConfig:
         "grad_accum 1, bf16 or fp32, no activation checkpointing; combines with train.compile in its "
         "default mode)",
     )
+    overlap_teachers: bool = option(
+        False,
+        help="run the frozen teachers (EMA, DINOv3) on a second CUDA stream, beside the student's forward "
+        "(same results; GPU only, not with scaling.strategy=fsdp over several workers)",
+    )
     compile_cache: str = option(
         "",
         help="folder (local or s3://) of the compiled code saved by train.compile, loaded at start so "
@@ -267,6 +272,11 @@ class PretrainConfig:
     probe: ProbeConfig = nested(ProbeConfig)
 
     def __post_init__(self) -> None:
+        if self.train.overlap_teachers and self.scaling.strategy == "fsdp" and self.scaling.num_workers > 1:
+            # the sharded EMA teacher all-gathers its weights on FSDP's streams, ordered by the stream it runs on
+            raise ValueError("train.overlap_teachers=true does not combine with scaling.strategy=fsdp over "
+                             f"{self.scaling.num_workers} workers: use scaling.strategy=ddp or "
+                             "train.overlap_teachers=false")
         if self.train.batch_size % (self.scaling.num_workers * self.train.grad_accum):
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must be divisible by scaling.num_workers="

@@ -27,6 +27,7 @@ from deo.models.ema import EMATeacher
 from deo.models.heads import MLPHead
 from deo.models.student import DEOStudent, build_student
 from deo.train.parallel import unwrap
+from deo.train.side_stream import SideStream
 
 
 class MSBranch(nn.Module):
@@ -221,6 +222,7 @@ class DEOTask(nn.Module):
         self.msad = MSADLoss(loss.msad_tau, loss.msad_smoothing) if loss.msad_lambda > 0 else None
         self.gsd = GSDLoss() if loss.gsd_weight > 0 else None
         self.check_finite_every_step = check_finite
+        self.teacher_stream = SideStream(device, cfg.train.overlap_teachers)
 
     @staticmethod
     def _ms_branch(trainable: nn.Module) -> MSBranch:
@@ -289,8 +291,12 @@ class DEOTask(nn.Module):
             FloatingPointError: a term is NaN or Inf (names the term, step and rank).
         """
         loss_cfg = self.cfg.loss
-        t = self._teachers(views)
+        # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
+        t = self.teacher_stream.fork(self._teachers, views)
+        if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
+            self.teacher_stream.join()
         s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
+        self.teacher_stream.join()
         vg = t["t_ms"].shape[0]
         c, parts = self.compression(t["t_ms"], s["s_ms"])
         total = -c

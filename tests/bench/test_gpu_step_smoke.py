@@ -46,7 +46,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
         assert v[name]["losses_last"] == pytest.approx(v["ref_eager"]["losses_last"], rel=1e-4, abs=1e-5), name
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
     for name in ("ref_compile", "ref_compile_cudagraphs", "ref_compile_broadcast", "ref_compile_bundles",
-                 "ref_compile_warm", "ref_compile_graph", "ref_compile_augment", "ref_compile_augment_graph"):
+                 "ref_compile_warm", "ref_compile_graph", "ref_compile_graph_overlap", "ref_compile_augment",
+                 "ref_compile_augment_graph"):
         assert v[name]["status"].startswith(("timeout", "skipped")), v[name]["status"]
     # tests/train/test_step.py checks what the CUDA graph records
     for name in ("ref_graph", "paper_graph"):

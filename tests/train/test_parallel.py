@@ -24,11 +24,16 @@ def _cfg(shards, storage, name, *extra, config="default.yaml"):
 
 
 def _worker(rank, world, port, shards, storage, name, extra, config):
+    import faulthandler
+
     import torch.distributed as dist
 
     from deo.train.loop import train
     from deo.train.runtime import LocalRuntime
 
+    # a rank that dies of a signal (a rare SIGABRT at teardown, about 1 run in 25 of the test below)
+    # prints where it was; pytest's own faulthandler covers only its process
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

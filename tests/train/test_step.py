@@ -191,15 +191,24 @@ def test_cuda_graph_options_are_checked():
     cfg = build_config(PretrainConfig, overrides=[*TINY, "train.cuda_graph=true"])
     with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
         _build(cfg, RANDOM_TILE_STATS)
+    # the teachers' second stream: not beside FSDP's own streams over several workers
+    with pytest.raises(ValueError, match="overlap_teachers=true does not combine with scaling.strategy=fsdp"):
+        build_config(PretrainConfig, overrides=["train.overlap_teachers=true", "scaling.strategy=fsdp",
+                                                "scaling.num_workers=2", "train.batch_size=8"])
+    for ok in (["scaling.strategy=ddp", "scaling.num_workers=2", "train.batch_size=8"], ["scaling.strategy=fsdp"]):
+        assert build_config(PretrainConfig, overrides=["train.overlap_teachers=true", *ok]).train.overlap_teachers
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-3), ("bf16", 2e-2)])
-def test_replayed_cuda_graph_trains_as_the_eager_step(precision, tolerance):
+@pytest.mark.parametrize("precision,tolerance,overlap", [("fp32", 1e-3, False), ("bf16", 2e-2, False),
+                                                         ("bf16", 2e-2, True)])
+def test_replayed_cuda_graph_trains_as_the_eager_step(precision, tolerance, overlap):
     """train.cuda_graph on a GPU: eager warm-up, one recording, then replays that see each step's batch
     and schedule, and train as the eager step does, where a decay frozen at its first value does not (no
-    stochastic depth: both draw from one generator, in different orders). Random tiles: the GPU machine
-    has no rasterio to ingest the samples with."""
+    stochastic depth: both draw from one generator, in different orders). With ``overlap`` the graphed
+    steps run the teachers on a second stream (train.overlap_teachers: a forked branch of the graph)
+    and still train as the eager step on one stream. Random tiles: the GPU machine has no rasterio to
+    ingest the samples with."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     over = [*TINY, "model.drop_path=0", f"train.precision={precision}"]
@@ -208,8 +217,9 @@ def test_replayed_cuda_graph_trains_as_the_eager_step(precision, tolerance):
     stats = RANDOM_TILE_STATS
     schedules = [(1e-3 * (1 + i % 3), (1.0, 20.0, 10.0)[i % 3], 0.99 - 0.01 * i) for i in range(n)]
     eager = _build(build_config(PretrainConfig, overrides=over), stats, "cuda")
-    graphed, frozen = (_build(build_config(PretrainConfig, overrides=[*over, "train.cuda_graph=true"]), stats,
-                              "cuda") for _ in range(2))
+    graph_over = [*over, "train.cuda_graph=true", f"train.overlap_teachers={str(overlap).lower()}"]
+    graphed, frozen = (_build(build_config(PretrainConfig, overrides=graph_over), stats, "cuda") for _ in range(2))
+    assert (graphed.task.teacher_stream.stream is not None) == overlap
     for i, ((batch, ids), schedule) in enumerate(zip(batches, schedules, strict=True)):
         pinned = {k: v.pin_memory() for k, v in batch.items()}
         want = {k: v.clone() for k, v in eager(pinned, ids, 0, i, schedule).items()}

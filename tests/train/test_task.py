@@ -137,3 +137,52 @@ def test_non_finite_loss_raises_with_term_and_step(views):
     bad["ms_global"][0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"loss\.compression=nan.* at step 7, rank 0"):
         task(bad, 7)
+
+
+class _ForkJoinLog:
+    """A SideStream that records where DEOTask forks the teachers off and joins them back."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def fork(self, fn, *args):
+        self.log.append("fork")
+        out = fn(*args)
+        self.log.append("teachers")
+        return out
+
+    def join(self):
+        self.log.append("join")
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_the_student_runs_while_the_teachers_are_forked_off(views):
+    """train.overlap_teachers: the teachers' stream joins after the student's forward, before the losses read
+    the teachers' outputs, unless the student itself reads one of them (continual pretraining's F)."""
+    from deo.train.side_stream import SideStream
+
+    assert SideStream("cpu", enabled=True).stream is None  # off CUDA: in order, on the current stream
+    torch.manual_seed(0)
+    task = DEOTask(_cfg(), check_finite=False)
+    log = []
+    task.teacher_stream = _ForkJoinLog(log)
+    student = task.trainable.forward
+
+    def logged_student(*args, **kwargs):
+        log.append("student")
+        return student(*args, **kwargs)
+
+    def logged_losses(*args, **kwargs):
+        log.append("losses")
+        return compression(*args, **kwargs)
+
+    task.trainable.forward = logged_student
+    compression = task.compression.forward
+    task.compression.forward = logged_losses
+    task(views, 0)
+    assert log == ["fork", "teachers", "student", "join", "losses"]
+    log.clear()
+    teachers = task._teachers
+    task._teachers = lambda v: {**teachers(v), "f_partner": None}  # as with a domain teacher F
+    task(views, 0)
+    assert log == ["fork", "teachers", "join", "student", "join", "losses"]

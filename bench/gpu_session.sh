@@ -11,7 +11,7 @@
 set -u
 mkdir -p /tmp/g "${OUT:-/tmp/g/out}"
 save() { cp /tmp/g/gpu.json* "${OUT:-/tmp/g/out}/" 2>/dev/null; }
-(while sleep 10; do save; done) &
+(while sleep 10; do save; done) >/dev/null 2>&1 &
 COPIER=$!
 trap 'kill $COPIER 2>/dev/null; save' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -349,13 +349,11 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
             load_s = bundles.load()
             rec.update(bundles_loaded=len(bundles.loaded), bundle_load_s=round(load_s, 2))
-        elif v.get("compile"):  # this script's own local caches: cold and warm mean what they say
+            rec.update(caches="empty, then the bundles")
+        elif v.get("compile"):  # this script's own local caches (main() empties them for the cold variant)
             local = Path(args.out + ".inductor")
-            if v["name"] == args.cold:
-                import shutil
-
-                shutil.rmtree(local, ignore_errors=True)
-                shutil.rmtree(bundles.folder, ignore_errors=True)
+            entries = sum(1 for _ in local.rglob("*")) if local.exists() else 0
+            rec.update(caches="cold" if v["name"] == args.cold else f"warm ({entries} cache files at start)")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
             os.environ["TRITON_CACHE_DIR"] = str(local / "triton")
         runner = TrainStep(cfg, device, STATS)
@@ -519,10 +517,16 @@ def plan_variants(only: str, keep_caches: bool = False) -> tuple[list[dict[str, 
     names = [n for n in only.split(",") if n] or list(by_name)
     if bad := sorted(set(names) - set(by_name)):
         raise ValueError(f"--only must name variants of {list(by_name)}, got {bad}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"--only names {twice} more than once")
     chosen = [by_name[n] for n in names]
     # the first compiled variant compiles from empty caches; later ones reuse them
-    cold = None if keep_caches else next(
-        (v["name"] for v in chosen if v.get("compile") and not v.get("fresh_caches")), None)
+    compiled = [v["name"] for v in chosen if v.get("compile") and not v.get("fresh_caches")]
+    cold = None if keep_caches else next(iter(compiled), None)
+    for v in chosen:
+        if v.get("fresh_caches") and not keep_caches and (cold is None or names.index(cold) > names.index(v["name"])):
+            raise ValueError(f"--only: {v['name']} loads the bundle a compiled variant before it saves; "
+                             f"name one first (e.g. ref_compile,{v['name']})")
     return chosen, cold
 
 
@@ -565,8 +569,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def flush() -> None:
         summary["wall_s"] = round(time.perf_counter() - start, 1)
-        out.write_text(json.dumps(summary, indent=1, default=str))
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+        os.replace(tmp, out)  # a reader (gpu_session.sh's copier) never sees half a file
 
+    if args.cold:  # the cold variant starts from empty local caches, and its bundle replaces any older one
+        import shutil
+
+        shutil.rmtree(args.out + ".inductor", ignore_errors=True)
+        shutil.rmtree(args.out + ".compile_cache", ignore_errors=True)
     ctx = mp.get_context("fork")  # children inherit the imports; the parent never initialises CUDA
     for v in chosen:
         left = args.budget_s - (time.perf_counter() - start)

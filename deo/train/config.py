@@ -69,7 +69,8 @@ class TrainConfig:
     overlap_teachers: bool = option(
         False,
         help="run the frozen teachers (EMA, DINOv3) on a second CUDA stream, beside the student's forward "
-        "(same results; GPU only, not with scaling.strategy=fsdp over several workers)",
+        "(same results, more memory; GPU only; not with scaling.strategy=fsdp over several workers or "
+        "train.compile_mode=reduce-overhead)",
     )
     compile_cache: str = option(
         "",
@@ -121,6 +122,11 @@ class TrainConfig:
             bad = [k for k, v in why.items() if v]
             if bad:
                 raise ValueError(f"train.cuda_graph=true does not combine with {', '.join(bad)}")
+        if self.overlap_teachers and self.compile_cuda_graphs:
+            # the per-region graphs share one memory pool that assumes they replay one after another
+            raise ValueError(f"train.overlap_teachers=true does not combine with train.compile_mode="
+                             f"{self.compile_mode} (its per-region CUDA graphs replay in one pool, in order): "
+                             "use compile_mode=default, with train.cuda_graph for the whole step")
         if self.compile_cuda_graphs and self.grad_accum > 1:
             # a second micro-step replays the graphs whose memory holds the first one's gradients
             raise ValueError(

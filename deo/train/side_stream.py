@@ -5,10 +5,14 @@ gradients, so the GPU can run their kernels beside the student's forward instead
 ViT's large matmuls beside Swin's many memory-bound small kernels. Recorded into a CUDA graph
 (``train.cuda_graph``), the fork and join become two parallel branches of the graph.
 
-Memory stays safe without ``record_stream``: the side stream waits for the default stream before each
-fork (so it never reuses a block the previous step still reads), and the default stream waits for the
-side stream at the join, before anything reads the teachers' outputs or frees the views they read.
-Off CUDA, or disabled, everything runs in order on the current stream.
+Memory stays safe without ``record_stream`` as long as all side-stream work goes through one
+:meth:`SideStream.fork` per join: the side stream waits for the default stream before each fork (so it
+never reuses a block the previous step still reads), and the default stream waits for the side stream
+at the join, before anything reads the teachers' outputs or frees the views they read. It does not
+hold for Inductor's per-region CUDA graphs (``train.compile_mode=reduce-overhead``), which share one
+memory pool replayed in order, so the config refuses that combination. The caching allocator keeps
+each stream's free blocks apart, so the teachers' working memory now adds to the student's peak
+instead of reusing it. Off CUDA, or disabled, everything runs in order on the current stream.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class SideStream:
     def fork(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the side stream, after everything queued so far on the current one.
 
+        If ``fn`` raises, the side stream is joined before the exception goes on.
+
         Raises:
             RuntimeError: called again before :meth:`join`.
         """
@@ -47,8 +53,12 @@ class SideStream:
         main = torch.cuda.current_stream(self.stream.device)
         self.stream.wait_stream(main)
         self.forked = True
-        with torch.cuda.stream(self.stream):
-            return fn(*args)
+        try:
+            with torch.cuda.stream(self.stream):
+                return fn(*args)
+        except BaseException:
+            self.join()
+            raise
 
     def join(self) -> None:
         """Make the current stream wait for the work forked so far."""

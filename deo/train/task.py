@@ -293,10 +293,12 @@ class DEOTask(nn.Module):
         loss_cfg = self.cfg.loss
         # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
         t = self.teacher_stream.fork(self._teachers, views)
-        if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
+        try:
+            if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
+                self.teacher_stream.join()
+            s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
+        finally:  # also when the student raises: nothing frees the views while the teachers read them
             self.teacher_stream.join()
-        s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
-        self.teacher_stream.join()
         vg = t["t_ms"].shape[0]
         c, parts = self.compression(t["t_ms"], s["s_ms"])
         total = -c

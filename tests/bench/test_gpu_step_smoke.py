@@ -77,9 +77,13 @@ def test_variants_run_in_the_order_named_and_the_first_compiled_one_starts_cold(
     assert cold == "ref_compile_graph"
     assert gpu_step.plan_variants("ref_eager,ref_compile_graph", keep_caches=True)[1] is None
     # a process that loads the bundles is never the cold one; all variants run in the listed order
-    assert gpu_step.plan_variants("ref_compile_bundles,ref_compile")[1] == "ref_compile"
+    assert gpu_step.plan_variants("ref_compile,ref_compile_bundles")[1] == "ref_compile"
     everything, cold = gpu_step.plan_variants("")
     assert [v["name"] for v in everything] == [v["name"] for v in gpu_step.VARIANTS] and cold == "ref_compile"
     assert gpu_step.plan_variants("ref_eager")[1] is None
     with pytest.raises(ValueError, match="ref_nope"):
         gpu_step.plan_variants("ref_eager,ref_nope")
+    with pytest.raises(ValueError, match="more than once"):
+        gpu_step.plan_variants("ref_eager,ref_eager")
+    with pytest.raises(ValueError, match="loads the bundle"):  # nothing saved a bundle before it
+        gpu_step.plan_variants("ref_compile_bundles,ref_compile")

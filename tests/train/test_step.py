@@ -195,13 +195,16 @@ def test_cuda_graph_options_are_checked():
     with pytest.raises(ValueError, match="overlap_teachers=true does not combine with scaling.strategy=fsdp"):
         build_config(PretrainConfig, overrides=["train.overlap_teachers=true", "scaling.strategy=fsdp",
                                                 "scaling.num_workers=2", "train.batch_size=8"])
+    with pytest.raises(ValueError, match="overlap_teachers=true does not combine with train.compile_mode"):
+        build_config(PretrainConfig, overrides=["train.overlap_teachers=true", "train.compile=true",
+                                                "train.compile_mode=reduce-overhead"])
     for ok in (["scaling.strategy=ddp", "scaling.num_workers=2", "train.batch_size=8"], ["scaling.strategy=fsdp"]):
         assert build_config(PretrainConfig, overrides=["train.overlap_teachers=true", *ok]).train.overlap_teachers
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,tolerance,overlap", [("fp32", 1e-3, False), ("bf16", 2e-2, False),
-                                                         ("bf16", 2e-2, True)])
+                                                         ("fp32", 1e-3, True), ("bf16", 2e-2, True)])
 def test_replayed_cuda_graph_trains_as_the_eager_step(precision, tolerance, overlap):
     """train.cuda_graph on a GPU: eager warm-up, one recording, then replays that see each step's batch
     and schedule, and train as the eager step does, where a decay frozen at its first value does not (no

@@ -270,6 +270,12 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             log.close()
         storage.write_text(storage.join(run_uri, "summary.json"),
                            json.dumps(summary.__dict__, indent=1, default=str))
+    # every rank returns once rank 0 has written the export and summary. Under FSDP the gather above is
+    # the last collective, and a rank that exits right after it can abort: the gloo group outlives
+    # destroy_process_group (DTensor's sharding caches keep its mesh), and its worker thread, still
+    # freeing the gather's tensors, needs the GIL of an interpreter that is shutting down (gdb:
+    # ~AsyncAllgatherCoalescedWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> terminate)
+    dist.barrier()
     return summary
 
 

@@ -31,8 +31,8 @@ def _worker(rank, world, port, shards, storage, name, extra, config):
     from deo.train.loop import train
     from deo.train.runtime import LocalRuntime
 
-    # a rank that dies of a signal (a rare SIGABRT at teardown, about 1 run in 25 of the test below)
-    # prints where it was; pytest's own faulthandler covers only its process
+    # a rank that dies of a signal prints where it was (pytest's own faulthandler covers only its process):
+    # how the teardown abort that deo.train.loop.train's final barrier prevents was found
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

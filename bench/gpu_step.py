@@ -235,10 +235,15 @@ class Partial:
         self.write()
 
     def write(self) -> None:
-        """Write atomically (a reader never sees half a file)."""
-        tmp = self.path + ".tmp"
-        Path(tmp).write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        """Rewrite the file (atomically)."""
+        write_json(self.path, self.data)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically: a reader (gpu_session.sh's copier) never sees half a file."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def _gib(n: float) -> float:
@@ -348,12 +353,12 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
             os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
             load_s = bundles.load()
-            rec.update(bundles_loaded=len(bundles.loaded), bundle_load_s=round(load_s, 2))
-            rec.update(caches="empty, then the bundles")
+            rec.update(bundles_loaded=len(bundles.loaded), bundle_load_s=round(load_s, 2),
+                       caches="empty, then the bundles")
         elif v.get("compile"):  # this script's own local caches (main() empties them for the cold variant)
             local = Path(args.out + ".inductor")
-            entries = sum(1 for _ in local.rglob("*")) if local.exists() else 0
-            rec.update(caches="cold" if v["name"] == args.cold else f"warm ({entries} cache files at start)")
+            rec.update(caches="cold" if v["name"] == args.cold
+                       else f"warm ({sum(1 for _ in local.rglob('*'))} cache files at start)")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
             os.environ["TRITON_CACHE_DIR"] = str(local / "triton")
         runner = TrainStep(cfg, device, STATS)
@@ -569,9 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def flush() -> None:
         summary["wall_s"] = round(time.perf_counter() - start, 1)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1, default=str))
-        os.replace(tmp, out)  # a reader (gpu_session.sh's copier) never sees half a file
+        write_json(out, summary)
 
     if args.cold:  # the cold variant starts from empty local caches, and its bundle replaces any older one
         import shutil

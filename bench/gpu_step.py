@@ -246,6 +246,19 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def read_public(path: str | None, smoke: bool) -> dict[str, Any] | None:
+    """The public code's step measured on this machine (bench/public_step.py), if that run succeeded.
+
+    A smoke record pairs only with a smoke run (tiny CPU sizes on both sides) and a full one with a full one.
+    """
+    if not path or not Path(path).is_file():
+        return None
+    rec = json.loads(Path(path).read_text())
+    if rec.get("status") != "ok" or bool(rec.get("smoke")) != smoke:
+        return None
+    return {k: rec.get(k) for k in ("device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit")}
+
+
 def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
@@ -551,6 +564,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="bf16 dense peak for MFU")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (smoke)")
     ap.add_argument("--loader-threads", type=int, default=4, help="ShardLoader decode threads (ref_loader)")
+    ap.add_argument("--public-json", default=None,
+                    help="bench/public_step.py's record from this machine: ratios against the public code "
+                         "measured on the same GPU (issue 10's 159.6 samples/s is from an H100)")
     ap.add_argument("--keep-caches", action="store_true",
                     help="no cold variant: the first compiled variant too reuses the caches next to --out (from "
                          "an earlier call on the same machine)")
@@ -621,6 +637,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = max((r["samples_per_s"], n) for n, r in ok.items() if n.startswith("ref_") and n in step_only)
         summary["best_reference"] = {"variant": best[1], "samples_per_s": round(best[0], 1),
                                      "speedup_vs_public": round(best[0] / 159.6, 2)}
+    public = read_public(args.public_json, args.smoke)
+    if public:  # every variant against the public code on this GPU, in this session
+        summary["public_here"] = public
+        summary["vs_public_here"] = {n: round(r["samples_per_s"] / public["samples_per_s"], 2)
+                                     for n, r in ok.items() if r.get("samples_per_s")}
+        if "best_reference" in summary:
+            summary["best_reference"]["speedup_vs_public_here"] = summary["vs_public_here"][best[1]]
     flush()
     print(json.dumps({n: {k: r.get(k) for k in ("status", "samples_per_s", "peak_mem_gib", "mfu")}
                       for n, r in summary["variants"].items()}, indent=1), flush=True)

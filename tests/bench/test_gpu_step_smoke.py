@@ -20,11 +20,15 @@ from step_bench import PHASES  # noqa: E402
 @pytest.mark.slow
 def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     out = tmp_path / "gpu.json"
+    # a public_step record of the same (smoke) kind: every variant gets its ratio to it
+    public = tmp_path / "public.json"
+    public.write_text(json.dumps({"status": "ok", "smoke": True, "device": "cpu", "samples_per_s": 0.5}))
     # generous wall budget: the test checks the script, not the speed of a shared CI machine. Its own
     # process, as on the GPU machine: it forks its variants, and autograd refuses to run in a child
     # forked from a process that already ran a backward (as earlier tests in this one may have)
     subprocess.run([sys.executable, str(BENCH / "gpu_step.py"), "--smoke", "--out", str(out),
-                    "--compile-warmup-s", "0", "--steps", "2", "--budget-s", "900"], check=True, timeout=1200)
+                    "--compile-warmup-s", "0", "--steps", "2", "--budget-s", "900",
+                    "--public-json", str(public)], check=True, timeout=1200)
     summary = on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
@@ -68,6 +72,10 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     task = DEOTask(cfg)
     assert ref["trainable_params"] == sum(p.numel() for p in task.trainable.parameters())
     assert summary["best_reference"]["variant"] == "ref_eager"
+    ok = {n for n, r in v.items() if r["status"] == "ok"}
+    assert summary["public_here"]["samples_per_s"] == 0.5 and summary["vs_public_here"].keys() == ok
+    assert summary["vs_public_here"]["ref_eager"] == round(ref["samples_per_s"] / 0.5, 2)
+    assert summary["best_reference"]["speedup_vs_public_here"] == summary["vs_public_here"]["ref_eager"]
 
 
 def test_variants_run_in_the_order_named_and_the_first_compiled_one_starts_cold():

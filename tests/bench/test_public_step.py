@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -246,6 +246,29 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` that also counts the CPU's fused attention kernels.
+
+    torch registers FLOP formulas for the CUDA attention kernels only, so on the CPU every
+    ``scaled_dot_product_attention`` (deo's Swin windows, timm's DINOv3) counted 0 while the public
+    code's torchvision Swin, which multiplies explicitly, counted its attention: CPU counts of the two
+    steps were not comparable. The same formulas as the CUDA kernels'.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(q: Any, k: Any, v: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad: Any, q: Any, k: Any, v: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return sdpa_backward_flop_count(grad, q, k, v)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    })
+
+
 def read_public(path: str | None, smoke: bool) -> dict[str, Any] | None:
     """The public code's step measured on this machine (bench/public_step.py), if that run succeeded.
 
@@ -337,8 +360,6 @@ def profile_steps(step: Any, first: int, n: int, cuda: bool, top: int = 45) -> d
 
 def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
     """Build and time one variant in this process, writing its record to ``path``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -425,7 +446,7 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
               f"trainable", flush=True)
         i = 0
         if v.get("flops"):
-            with FlopCounterMode(display=False) as fc:
+            with flop_counter() as fc:
                 step(i)
             i += 1
             rec.update(flops_per_step=fc.get_total_flops())

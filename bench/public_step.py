@@ -24,8 +24,11 @@ What this script replaces, because it is outside the timed step or absent on the
 - kornia, h5py, wandb (and PIL): imported by its modules, unused by the step; empty stand-ins when absent.
 
 Usage (the device machine): ``python bench/public_step.py --public-repo .public/DEO-FM --out /tmp/g/public.json``.
-``--smoke`` runs the same code on the CPU at batch 2 with 2 local crops of 32 px and 64 px global crops
-(tests/bench/test_public_step_smoke.py), with ``.cuda()`` and ``torch.cuda.synchronize`` as no-ops.
+``--smoke`` runs the same code on the CPU at batch 2 with 2 local crops of 32 px (the global crops stay
+224 px; tests/bench/test_public_step.py); on a machine without CUDA ``.cuda()`` and
+``torch.cuda.synchronize`` are no-ops. ``--count-flops`` counts the FLOPs of the first (warm-up) step
+with ``FlopCounterMode``, as ``gpu_step.py`` does for deo's step: on the CPU, ``--batch 8 --steps 1``
+compares the two steps' work at the issue's crops without a GPU.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_step import write_json  # noqa: E402  (bench/ is not a package)
+from gpu_step import flop_counter, write_json  # noqa: E402  (bench/ is not a package)
 
 # The README's training command, for one GPU; --compile false: see the module docstring.
 PUBLIC_ARGS = ["--arch", "swin_t", "--batch_size_per_gpu", "64", "--local_crops_number", "10", "--eps", "0.05",
@@ -98,13 +101,6 @@ def import_public(repo: Path) -> tuple[types.ModuleType, list[str]]:
     return importlib.import_module("main_dino"), stubbed
 
 
-def public_args(main_dino: types.ModuleType, smoke: bool) -> argparse.Namespace:
-    """The README settings parsed by the public parser (smoke: fewer, smaller crops and batch)."""
-    args = main_dino.get_args_parser().parse_args(PUBLIC_ARGS + (SMOKE_ARGS if smoke else []))
-    args.epochs = 2
-    return args
-
-
 class PinnedBatches:
     """What the public DataLoader yields: (12 float32 crops of (B, 10, s, s), unused MS image), pinned.
 
@@ -114,7 +110,7 @@ class PinnedBatches:
     """
 
     def __init__(self, steps: int, batch: int, local_crops: int, global_px: int, local_px: int,
-                 pin: bool, n_batches: int = 2) -> None:
+                 pin: bool, n_batches: int = 2, count_flops: bool = False) -> None:
         g = torch.Generator().manual_seed(0)
         sizes = [global_px] * 2 + [local_px] * local_crops
         self.batches = []
@@ -123,6 +119,8 @@ class PinnedBatches:
             self.batches.append(([c.pin_memory() for c in crops] if pin else crops, None))
         self.steps = steps
         self.times: list[float] = []
+        self.count_flops = count_flops
+        self.flops: int | None = None
 
     def __len__(self) -> int:
         return self.steps
@@ -130,6 +128,11 @@ class PinnedBatches:
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], None]]:
         for i in range(self.steps):
             self.times.append(time.perf_counter())
+            if i == 0 and self.count_flops:  # the whole first step runs between this yield and the next
+                with flop_counter() as counter:
+                    yield self.batches[0]
+                self.flops = counter.get_total_flops()
+                continue
             yield self.batches[i % len(self.batches)]
         self.times.append(time.perf_counter())
 
@@ -204,13 +207,16 @@ def build(main_dino: types.ModuleType, args: argparse.Namespace, cuda: bool) -> 
     )
 
 
-def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: bool) -> None:
+def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: bool, batch: int | None = None,
+        count_flops: bool = False) -> None:
     """Build the public model and time ``warmup + steps`` iterations of its ``train_one_epoch`` into ``rec``."""
     cuda = torch.cuda.is_available() and not smoke
     main_dino, stubbed = import_public(public_repo)
-    args = public_args(main_dino, smoke)
+    argv = PUBLIC_ARGS + (SMOKE_ARGS if smoke else []) + (["--batch_size_per_gpu", str(batch)] if batch else [])
+    args = main_dino.get_args_parser().parse_args(argv)
+    args.epochs = 2
     rec.update(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-               public_args=PUBLIC_ARGS + (SMOKE_ARGS if smoke else []), stand_ins=stubbed)
+               public_args=argv, stand_ins=stubbed)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         rec["public_commit"] = subprocess.check_output(["git", "-C", str(public_repo), "rev-parse", "HEAD"],
                                                        text=True, stderr=subprocess.DEVNULL).strip()
@@ -236,7 +242,7 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
                          global_px=SMOKE["global_px"] if smoke else GLOBAL_PX,
                          local_px=SMOKE["local_px"] if smoke else LOCAL_PX)
             rec.update(sizes)
-            loader = PinnedBatches(warmup + steps, pin=cuda, **sizes)
+            loader = PinnedBatches(warmup + steps, pin=cuda, count_flops=count_flops, **sizes)
             n_iter = len(loader) * args.epochs
             schedule = main_dino.cosine_scheduler
             lr = schedule(args.lr * args.batch_size_per_gpu / main_dino.REFERENCE_BATCH_SIZE, args.min_lr,
@@ -263,6 +269,8 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
                    samples_per_s=round(args.batch_size_per_gpu / median, 2))
     if cuda:
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if loader.flops is not None:
+        rec["flops_per_step"] = loader.flops
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -273,16 +281,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (15; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (5; smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny batch and crops")
+    ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (the README's 64; smoke 2)")
+    ap.add_argument("--count-flops", action="store_true", help="FLOPs of the first step (FlopCounterMode)")
     args = ap.parse_args(argv)
     steps = args.steps if args.steps is not None else (2 if args.smoke else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    if args.count_flops and warmup < 1:
+        ap.error("--count-flops counts the first step, which must be a warm-up step (--warmup >= 1)")
     start = time.perf_counter()
     rec: dict[str, Any] = {
         "name": "public_eager", "status": "building", "smoke": args.smoke,
         "command": "python bench/public_step.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json(args.out, rec)
     try:
-        run(rec, args.public_repo, steps, warmup, args.smoke)
+        run(rec, args.public_repo, steps, warmup, args.smoke, args.batch, args.count_flops)
     except Exception as e:  # the record says what failed; the caller (gpu_session.sh) goes on
         rec["status"] = f"error: {type(e).__name__}: {e}"
         traceback.print_exc()

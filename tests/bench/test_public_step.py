@@ -77,7 +77,7 @@ def test_gpu_step_reads_only_a_successful_public_record_of_its_own_kind(tmp_path
 def test_public_step_smoke_runs_the_public_training_loop(tmp_path):
     out = tmp_path / "public.json"
     subprocess.run([sys.executable, str(BENCH / "public_step.py"), "--smoke", "--public-repo", str(PUBLIC_REPO),
-                    "--out", str(out)], check=True, timeout=600)
+                    "--count-flops", "--out", str(out)], check=True, timeout=600)
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok", rec["status"]
     assert rec["smoke"] is True and rec["device"] == "cpu"
@@ -87,3 +87,5 @@ def test_public_step_smoke_runs_the_public_training_loop(tmp_path):
     assert rec["samples_per_s"] == pytest.approx(rec["batch"] * 1000 / rec["step_ms_median"], rel=0.01)
     assert set(rec["stand_ins"]) <= set(public_step.OPTIONAL_MODULES)
     assert rec["public_args"][:2] == ["--arch", "swin_t"] and "--smoke" in rec["command"]
+    # its first step's work: 2 images through 4 crops, both patch embeddings, the EMA teacher and DINOv3
+    assert 2e11 < rec["flops_per_step"] < 1e12

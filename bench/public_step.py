@@ -20,7 +20,9 @@ What this script replaces, because it is outside the timed step or absent on the
 - DINOv3: ``torch.hub.load`` of Meta's repository and weights -> timm's ``vit_base_patch16_dinov3``,
   randomly initialised, behind DINOv3's ``get_intermediate_layers`` (same FLOPs; deo's GPU bench also
   uses a random DINOv3);
-- ``torchrun``: one process group of one rank (its ``init_distributed_mode`` on CUDA; gloo on the CPU);
+- ``torchrun``: one process group of one rank (NCCL as its ``init_distributed_mode`` makes it, with a
+  60 s timeout; gloo on the CPU). Should NCCL fail there, the student runs without DDP, whose one-rank
+  all-reduce is a copy: the record says so (``ddp``), and the public step is then a little faster;
 - kornia, h5py, wandb (and PIL): imported by its modules, unused by the step; empty stand-ins when absent.
 
 Usage (the device machine): ``python bench/public_step.py --public-repo .public/DEO-FM --out /tmp/g/public.json``.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import datetime
 import importlib
 import os
 import socket
@@ -163,6 +166,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class WithoutDDP(nn.Module):
+    """DDP's stand-in when no process group could be made: the ``.module`` the public loop reads."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def init_one_rank(args: argparse.Namespace, cuda: bool) -> str:
+    """One process group of one rank as the public ``init_distributed_mode`` makes it; what was made."""
+    args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, True
+    if not cuda:
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        return "gloo"
+    torch.cuda.set_device(args.gpu)
+    try:
+        torch.distributed.init_process_group("nccl", init_method="env://", rank=0, world_size=1,
+                                             timeout=datetime.timedelta(seconds=60))
+        torch.distributed.barrier()
+        return "nccl"
+    except Exception as e:  # any failure: time the step without DDP, and say so
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return f"none: NCCL failed ({type(e).__name__}: {e})"
+
+
 def build(main_dino: types.ModuleType, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     """Student, EMA teacher, distiller, losses and optimizer as the public ``train_dino`` builds them.
 
@@ -192,7 +224,10 @@ def build(main_dino: types.ModuleType, args: argparse.Namespace, cuda: bool) -> 
     dinov.feat_extr = DINOv3Intermediates().eval()
     distiller = wrap(backbone=dinov, to_distill="distiller")
     student, teacher, distiller = student.cuda(), teacher.cuda(), distiller.cuda()
-    student = nn.parallel.DistributedDataParallel(student, device_ids=[args.gpu] if cuda else None)
+    if torch.distributed.is_initialized():
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[args.gpu] if cuda else None)
+    else:
+        student = WithoutDDP(student)
     teacher.load_state_dict(student.module.state_dict(), strict=False)
     for p in [*teacher.parameters(), *distiller.parameters()]:
         p.requires_grad = False
@@ -223,11 +258,7 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()))
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # one rank: NCCL needs no other interface
-    if cuda:
-        main_dino.init_distributed_mode(args)  # one NCCL rank, as torchrun --nproc_per_node 1
-    else:
-        args.gpu = 0
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    rec["process_group"] = init_one_rank(args, cuda)  # as torchrun --nproc_per_node 1
     main_dino.fix_random_seeds(args.seed)
     torch.backends.cudnn.benchmark = True
     stand_ins = contextlib.nullcontext() if cuda else cpu_stand_ins()
@@ -260,7 +291,8 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
                 rec["status"] = "loss not finite (the public loop exited)"
     finally:
         builtins.print = builtin_print
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     step_s = [b - a for a, b in zip(loader.times, loader.times[1:], strict=False)][warmup:]
     if step_s:
         median = statistics.median(step_s)

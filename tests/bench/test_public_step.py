@@ -80,7 +80,7 @@ def test_public_step_smoke_runs_the_public_training_loop(tmp_path):
                     "--count-flops", "--out", str(out)], check=True, timeout=600)
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok", rec["status"]
-    assert rec["smoke"] is True and rec["device"] == "cpu"
+    assert rec["smoke"] is True and rec["device"] == "cpu" and rec["process_group"] == "gloo"  # DDP, one rank
     # the architecture: Swin-T with both patch embeddings and its four heads, 55M trainable
     assert rec["trainable_params_m"] == pytest.approx(55.1, abs=0.1)
     assert rec["steps"] == 2 and rec["warmup"] == 1

@@ -84,7 +84,7 @@ def test_public_step_smoke_runs_the_public_training_loop(tmp_path):
     # the architecture: Swin-T with both patch embeddings and its four heads, 55M trainable
     assert rec["trainable_params_m"] == pytest.approx(55.1, abs=0.1)
     assert rec["steps"] == 2 and rec["warmup"] == 1
-    assert rec["samples_per_s"] == pytest.approx(rec["batch"] * 1000 / rec["step_ms_median"], rel=0.01)
+    assert rec["samples_per_s"] == pytest.approx(rec["batch"] * 1000 / rec["step_ms_median"], rel=0.01, abs=0.006)
     assert set(rec["stand_ins"]) <= set(public_step.OPTIONAL_MODULES)
     assert rec["public_args"][:2] == ["--arch", "swin_t"] and "--smoke" in rec["command"]
     # its first step's work: 2 images through 4 crops, both patch embeddings, the EMA teacher and DINOv3

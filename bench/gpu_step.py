@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from common import flop_counter, write_json  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.models import swin_window  # noqa: E402
@@ -239,47 +240,21 @@ class Partial:
         write_json(self.path, self.data)
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON atomically: a reader (gpu_session.sh's copier) never sees half a file."""
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def read_public(path: str | None, smoke: bool, batch: int) -> dict[str, Any] | None:
+    """The public code's step measured on this machine (bench/public_step.py), if it is comparable.
 
-
-def flop_counter() -> Any:
-    """A ``FlopCounterMode`` that also counts the CPU's fused attention kernels.
-
-    torch registers FLOP formulas for the CUDA attention kernels only, so on the CPU every
-    ``scaled_dot_product_attention`` (deo's Swin windows, timm's DINOv3) counted 0 while the public
-    code's torchvision Swin, which multiplies explicitly, counted its attention: CPU counts of the two
-    steps were not comparable. The same formulas as the CUDA kernels'.
-    """
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-    def forward(q: Any, k: Any, v: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    def backward(grad: Any, q: Any, k: Any, v: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
-        return sdpa_backward_flop_count(grad, q, k, v)
-
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: forward,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
-    })
-
-
-def read_public(path: str | None, smoke: bool) -> dict[str, Any] | None:
-    """The public code's step measured on this machine (bench/public_step.py), if that run succeeded.
-
-    A smoke record pairs only with a smoke run (tiny CPU sizes on both sides) and a full one with a full one.
+    Only a successful run at the same batch pairs, a smoke record only with a smoke run, and a full one
+    only at the reference crops (2 x 224 + 10 x 96), which the ``ref_*`` variants train.
     """
     if not path or not Path(path).is_file():
         return None
     rec = json.loads(Path(path).read_text())
-    if rec.get("status") != "ok" or bool(rec.get("smoke")) != smoke:
+    if rec.get("status") != "ok" or bool(rec.get("smoke")) != smoke or rec.get("batch") != batch:
         return None
-    return {k: rec.get(k) for k in ("device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit")}
+    if not smoke and (rec.get("global_px"), rec.get("local_px"), rec.get("local_crops")) != (224, 96, 10):
+        return None
+    return {k: rec.get(k) for k in ("device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit",
+                                    "scaler_skipped_timed_steps", "process_group")}
 
 
 def _gib(n: float) -> float:
@@ -658,11 +633,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = max((r["samples_per_s"], n) for n, r in ok.items() if n.startswith("ref_") and n in step_only)
         summary["best_reference"] = {"variant": best[1], "samples_per_s": round(best[0], 1),
                                      "speedup_vs_public": round(best[0] / 159.6, 2)}
-    public = read_public(args.public_json, args.smoke)
-    if public:  # every variant against the public code on this GPU, in this session
+    public = read_public(args.public_json, args.smoke, args.batch)
+    if public:  # the reference-config variants against the public code on this GPU, in this session
         summary["public_here"] = public
         summary["vs_public_here"] = {n: round(r["samples_per_s"] / public["samples_per_s"], 2)
-                                     for n, r in ok.items() if r.get("samples_per_s")}
+                                     for n, r in ok.items() if n.startswith("ref_") and r.get("samples_per_s")}
         if "best_reference" in summary:
             summary["best_reference"]["speedup_vs_public_here"] = summary["vs_public_here"][best[1]]
     flush()

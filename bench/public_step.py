@@ -8,7 +8,8 @@ with its README settings: Swin-T student and EMA teacher (torchvision), DINOv3 V
 (layers 8 and 11), 2 x 224^2 + 10 x 96^2 crops of 10 bands, batch 64, fp16 autocast with a grad scaler,
 its per-parameter clipping, Python-loop EMA and per-step host syncs; ``--compile false`` because issue 10
 saw its whole-student compile not finish a first step in 5 minutes. Epoch 1, so the heads' last layers
-are not frozen as in epoch 0.
+are not frozen as in epoch 0. The record counts the steps its grad scaler skipped (an fp16 overflow skips
+AdamW, which would make a timed step short).
 
 The public code is neither vendored nor downloaded: ``--public-repo`` names a local checkout, e.g.
 ``git clone https://github.com/wolfilip/DEO-FM .public/DEO-FM`` (this script was checked at its commit
@@ -22,7 +23,10 @@ What this script replaces, because it is outside the timed step or absent on the
   uses a random DINOv3);
 - ``torchrun``: one process group of one rank (NCCL as its ``init_distributed_mode`` makes it, with a
   60 s timeout; gloo on the CPU). Should NCCL fail there, the student runs without DDP, whose one-rank
-  all-reduce is a copy: the record says so (``ddp``), and the public step is then a little faster;
+  all-reduce is a copy: the record says so (``process_group``), and the public step is then a little
+  faster. (A hang would not fail but abort the process: the record then stays at ``building``.);
+- wandb: its README command logs every step to wandb; ``--nowandb`` (a ``store_false`` flag: it turns the
+  logging off) because the machine is offline. This too can only make the public step faster;
 - kornia, h5py, wandb (and PIL): imported by its modules, unused by the step; empty stand-ins when absent.
 
 Usage (the device machine): ``python bench/public_step.py --public-repo .public/DEO-FM --out /tmp/g/public.json``.
@@ -57,7 +61,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_step import flop_counter, write_json  # noqa: E402  (bench/ is not a package)
+from common import flop_counter, write_json  # noqa: E402  (bench/ is not a package)
 
 # The README's training command, for one GPU; --compile false: see the module docstring.
 PUBLIC_ARGS = ["--arch", "swin_t", "--batch_size_per_gpu", "64", "--local_crops_number", "10", "--eps", "0.05",
@@ -97,7 +101,7 @@ def import_public(repo: Path) -> tuple[types.ModuleType, list[str]]:
     for name in OPTIONAL_MODULES:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # absent, or broken on this machine: the step never calls it
             sys.modules[name] = types.ModuleType(name)
             stubbed.append(name)
     sys.path.insert(0, str(code))
@@ -109,11 +113,12 @@ class PinnedBatches:
 
     ``n_batches`` distinct batches are made once and cycled for ``steps`` iterations. ``times`` gets the
     clock at each hand-over: the loop syncs with the host every step, so consecutive differences are
-    whole steps, the host-to-device copy included.
+    whole steps, the host-to-device copy included. With a ``scaler``, ``scales`` gets its scale at each
+    hand-over (it halves after a step it skipped).
     """
 
     def __init__(self, steps: int, batch: int, local_crops: int, global_px: int, local_px: int,
-                 pin: bool, n_batches: int = 2, count_flops: bool = False) -> None:
+                 pin: bool, n_batches: int = 2, count_flops: bool = False, scaler: Any = None) -> None:
         g = torch.Generator().manual_seed(0)
         sizes = [global_px] * 2 + [local_px] * local_crops
         self.batches = []
@@ -124,25 +129,37 @@ class PinnedBatches:
         self.times: list[float] = []
         self.count_flops = count_flops
         self.flops: int | None = None
+        self.scaler = scaler
+        self.scales: list[float] = []
 
     def __len__(self) -> int:
         return self.steps
 
+    def _handover(self) -> None:
+        self.times.append(time.perf_counter())
+        if self.scaler is not None:  # after the loop's own sync: no extra wait
+            self.scales.append(self.scaler.get_scale())
+
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], None]]:
         for i in range(self.steps):
-            self.times.append(time.perf_counter())
+            self._handover()
             if i == 0 and self.count_flops:  # the whole first step runs between this yield and the next
                 with flop_counter() as counter:
                     yield self.batches[0]
                 self.flops = counter.get_total_flops()
                 continue
             yield self.batches[i % len(self.batches)]
-        self.times.append(time.perf_counter())
+        self._handover()
+
+    def skipped_steps(self, first: int) -> int:
+        """Steps from ``first`` on that the grad scaler skipped (its scale went down after them)."""
+        s = self.scales
+        return sum(1 for i in range(first, len(s) - 1) if s[i + 1] < s[i])
 
 
 @contextlib.contextmanager
 def cpu_stand_ins() -> Iterator[None]:
-    """Smoke only: the public loop's ``.cuda()`` calls and syncs become no-ops on a machine without CUDA.
+    """Without CUDA (the smoke, a CPU FLOP count): the public loop's ``.cuda()`` calls and syncs are no-ops.
 
     Its metric logger's end-of-epoch all-reduce makes CUDA tensors whenever a process group exists, so
     the smoke's gloo group is hidden from it.
@@ -191,7 +208,8 @@ def init_one_rank(args: argparse.Namespace, cuda: bool) -> str:
         return "nccl"
     except Exception as e:  # any failure: time the step without DDP, and say so
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
         return f"none: NCCL failed ({type(e).__name__}: {e})"
 
 
@@ -199,7 +217,8 @@ def build(main_dino: types.ModuleType, args: argparse.Namespace, cuda: bool) -> 
     """Student, EMA teacher, distiller, losses and optimizer as the public ``train_dino`` builds them.
 
     Its own classes and helpers; only the data, DINOv3's source and the process launch differ (module
-    docstring). Returns the keyword arguments of its ``train_one_epoch`` (less the loader and schedules).
+    docstring). Returns the keyword arguments of its ``train_one_epoch`` (less the loader, schedules,
+    epoch and args), and ``trainable_params``, the student's trainable parameter count.
     """
     tv = main_dino.torchvision_models
     student, teacher = tv.__dict__[args.arch](), tv.__dict__[args.arch]()
@@ -273,14 +292,13 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
                          global_px=SMOKE["global_px"] if smoke else GLOBAL_PX,
                          local_px=SMOKE["local_px"] if smoke else LOCAL_PX)
             rec.update(sizes)
-            loader = PinnedBatches(warmup + steps, pin=cuda, count_flops=count_flops, **sizes)
-            n_iter = len(loader) * args.epochs
+            loader = PinnedBatches(warmup + steps, pin=cuda, count_flops=count_flops,
+                                   scaler=parts["fp16_scaler"], **sizes)
             schedule = main_dino.cosine_scheduler
             lr = schedule(args.lr * args.batch_size_per_gpu / main_dino.REFERENCE_BATCH_SIZE, args.min_lr,
                           args.epochs, len(loader), warmup_epochs=min(args.warmup_epochs, args.epochs - 1))
             wd = schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
             momentum = schedule(args.momentum_teacher, 1, args.epochs, len(loader))
-            assert len(lr) == len(wd) == len(momentum) == n_iter
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             try:
@@ -303,6 +321,10 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if loader.flops is not None:
         rec["flops_per_step"] = loader.flops
+    if loader.scales:
+        timed = loader.skipped_steps(warmup)
+        rec.update(scaler_skipped_timed_steps=timed, scaler_skipped_warmup_steps=loader.skipped_steps(0) - timed,
+                   scaler_scale_last=loader.scales[-1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

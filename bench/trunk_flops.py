@@ -25,6 +25,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402
+from common import flop_counter, write_json  # noqa: E402
 
 from deo.models import swin_window  # noqa: E402
 from deo.models.student import build_student  # noqa: E402
@@ -32,7 +33,7 @@ from deo.models.student import build_student  # noqa: E402
 
 def gflops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
     """GFLOPs of ``fn(x)`` (forward only, no gradients)."""
-    with gpu_step.flop_counter() as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         fn(x)
     return counter.get_total_flops() / 1e9
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{px} px: deo {deo:.3f} GFLOP, deo padded as torchvision {deo_padded:.3f}, "
               f"public swin_t {public:.3f} ({deo / public:.3f}x)", flush=True)
     if args.out:
-        gpu_step.write_json(args.out, {"command": "python bench/trunk_flops.py " + " ".join(argv or sys.argv[1:]),
+        write_json(args.out, {"command": "python bench/trunk_flops.py " + " ".join(argv or sys.argv[1:]),
                                        "torch": torch.__version__, "per_crop": rows})
     return rows
 

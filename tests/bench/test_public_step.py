@@ -59,16 +59,20 @@ def test_pinned_batches_hand_over_the_public_crops_and_clock_every_step():
 
 def test_gpu_step_reads_only_a_successful_public_record_of_its_own_kind(tmp_path):
     path = tmp_path / "public.json"
-    assert gpu_step.read_public(None, smoke=False) is None
-    assert gpu_step.read_public(str(path), smoke=False) is None  # not written (the public run failed early)
-    rec = {"status": "ok", "smoke": False, "device": "NVIDIA H200", "samples_per_s": 200.0,
-           "step_ms_median": 320.0, "peak_mem_gib": 38.0, "public_commit": "55c7ae1"}
+    assert gpu_step.read_public(None, smoke=False, batch=64) is None
+    assert gpu_step.read_public(str(path), smoke=False, batch=64) is None  # not written: the run failed early
+    rec = {"status": "ok", "smoke": False, "device": "NVIDIA H200", "samples_per_s": 200.0, "batch": 64,
+           "global_px": 224, "local_px": 96, "local_crops": 10, "step_ms_median": 320.0, "peak_mem_gib": 38.0,
+           "public_commit": "55c7ae1", "scaler_skipped_timed_steps": 0, "process_group": "nccl"}
     path.write_text(json.dumps(rec))
-    assert gpu_step.read_public(str(path), smoke=False) == {k: rec[k] for k in (
-        "device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit")}
-    assert gpu_step.read_public(str(path), smoke=True) is None  # tiny CPU sizes pair only with themselves
-    path.write_text(json.dumps({**rec, "status": "error: RuntimeError: NCCL"}))
-    assert gpu_step.read_public(str(path), smoke=False) is None
+    assert gpu_step.read_public(str(path), smoke=False, batch=64) == {k: rec[k] for k in (
+        "device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit",
+        "scaler_skipped_timed_steps", "process_group")}
+    assert gpu_step.read_public(str(path), smoke=True, batch=64) is None  # tiny CPU sizes pair only with themselves
+    assert gpu_step.read_public(str(path), smoke=False, batch=8) is None  # another batch (a FLOP count's)
+    for other in ({"status": "error: RuntimeError: NCCL"}, {"local_px": 32}, {"local_crops": 2}):
+        path.write_text(json.dumps({**rec, **other}))
+        assert gpu_step.read_public(str(path), smoke=False, batch=64) is None, other
 
 
 @pytest.mark.slow
@@ -87,5 +91,6 @@ def test_public_step_smoke_runs_the_public_training_loop(tmp_path):
     assert rec["samples_per_s"] == pytest.approx(rec["batch"] * 1000 / rec["step_ms_median"], rel=0.01, abs=0.006)
     assert set(rec["stand_ins"]) <= set(public_step.OPTIONAL_MODULES)
     assert rec["public_args"][:2] == ["--arch", "swin_t"] and "--smoke" in rec["command"]
+    assert "scaler_skipped_timed_steps" not in rec  # fp32 on the CPU: no grad scaler
     # its first step's work: 2 images through 4 crops, both patch embeddings, the EMA teacher and DINOv3
     assert 2e11 < rec["flops_per_step"] < 1e12

@@ -27,6 +27,8 @@ those caches (warm), except ref_compile_bundles (``--keep-caches``: no variant s
   ref_repeat_bias  ref_eager with the window attention as before the sixth session (baseline): the bias
                    repeated with unaligned rows (SDPA pads a copy, autograd unpads it) and timm's permuted
                    q/k/v split (a stack and a permuted copy of the qkv gradient)
+  ref_conv_embed   ref_eager with the patch embeddings as timm's strided convolution (cuDNN, with its NCHW ->
+                   NHWC conversions), as before the eighth session's ``LinearPatchEmbed`` (baseline)
   ref_joint_trunk  ref_eager with the MS and optical views of each size in one pass through the shared
                    stages (bench/joint_trunk.py: half the trunk's kernel launches; an experiment)
   ref_check_finite ref_eager, then the same steps again WITH a per-step finiteness check (one host sync;
@@ -89,6 +91,7 @@ from common import flop_counter, write_json  # noqa: E402
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.models import swin_window  # noqa: E402
 from deo.models.layer_norm import InputDtypeLayerNorm  # noqa: E402
+from deo.models.patch_embed import LinearPatchEmbed  # noqa: E402
 from deo.train.compile_cache import CompileCache  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 
@@ -112,6 +115,7 @@ VARIANTS: list[dict[str, Any]] = [
      "budget_s": 70},
     {"name": "ref_repeat_bias", "config": "reference.yaml", "repeat_bias": True, "baseline": True,
      "budget_s": 70},
+    {"name": "ref_conv_embed", "config": "reference.yaml", "conv_embed": True, "baseline": True, "budget_s": 70},
     {"name": "ref_joint_trunk", "config": "reference.yaml", "joint_trunk": True, "experiment": True,
      "budget_s": 70},
     {"name": "ref_check_finite", "config": "reference.yaml", "with_check_finite": True, "baseline": True,
@@ -388,8 +392,11 @@ def run_variant(v: dict[str, Any], args: argparse.Namespace, path: str) -> None:
 
             swin_window.window_attention = repeated_bias
             swin_window.split_qkv = permuted_qkv_split
+        if v.get("conv_embed"):  # the patch embeddings before the eighth session: cuDNN's convolution
+            LinearPatchEmbed.as_matmul = False  # (class attribute: this child process only)
         rec.update(window_attention=swin_window.window_attention.__name__,
-                   qkv_split=swin_window.split_qkv.__name__)
+                   qkv_split=swin_window.split_qkv.__name__,
+                   patch_embed="matmul" if LinearPatchEmbed.as_matmul else "convolution")
         if v.get("compile_augment"):  # the experiment: the device half of the augmentation as one graph
             runner.augment.apply = torch.compile(runner.augment.apply, dynamic=False)
         if v.get("fp32_layer_norm"):  # back to autocast's float32 norms, for the side-by-side

@@ -32,7 +32,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     summary = on_disk = json.loads(out.read_text())
     assert on_disk["variants"].keys() == {v["name"] for v in gpu_step.VARIANTS}
     v = on_disk["variants"]
-    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_repeat_bias", "ref_joint_trunk",
+    for name in ("ref_eager", "ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_repeat_bias", "ref_conv_embed",
+                 "ref_joint_trunk",
                  "ref_check_finite", "ref_loader", "paper_ckpt", "paper_nockpt", "paper_vitl_ckpt"):
         r = v[name]
         assert r["status"] == "ok", (name, r.get("status"), r.get("traceback"))
@@ -46,7 +47,8 @@ def test_gpu_step_smoke_runs_every_variant_and_guards_compile_time(tmp_path):
     assert v["ref_repeat_bias"]["window_attention"] == "repeated_bias"
     assert v["ref_repeat_bias"]["qkv_split"] == "permuted_qkv_split"
     assert v["ref_eager"]["window_attention"] == "window_attention" and v["ref_eager"]["qkv_split"] == "split_qkv"
-    for name in ("ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_repeat_bias"):
+    assert v["ref_conv_embed"]["patch_embed"] == "convolution" and v["ref_eager"]["patch_embed"] == "matmul"
+    for name in ("ref_unfused", "ref_fp32_ln", "ref_broadcast_bias", "ref_repeat_bias", "ref_conv_embed"):
         assert v[name]["losses_last"] == pytest.approx(v["ref_eager"]["losses_last"], rel=1e-4, abs=1e-5), name
     # compiled variants stop at the time guard (a 0 s warm-up budget), and the run goes on after them
     for name in ("ref_compile", "ref_compile_cudagraphs", "ref_compile_broadcast", "ref_compile_bundles",

@@ -43,7 +43,7 @@ case "${1:-}" in
     left=$(( 560 - SECONDS ))
     if [ "$left" -gt 45 ]; then
       timeout "$left" python3 -m pytest -q -m gpu -p no:cacheprovider tests/train/test_step.py \
-        tests/models/test_student.py tests/models/test_layer_norm.py 2>&1 | tail -15
+        tests/models/test_student.py tests/models/test_layer_norm.py tests/models/test_patch_embed.py 2>&1 | tail -15
     else
       echo "no time left for the GPU tests ($left s)"
     fi

@@ -53,3 +53,20 @@ def test_same_parameters_and_state_dict_as_timm():
 def test_input_not_a_multiple_of_the_patch_is_refused():
     with pytest.raises(ValueError, match=r"multiple of 4 x 4 pixels, got 30 x 32"):
         make_patch_embed(10, 32, 4, 64)(torch.randn(1, 10, 30, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_matmul_matches_cudnns_convolution_under_bf16_autocast_on_cuda(conv_embed):
+    torch.manual_seed(0)
+    embed = make_patch_embed(10, 96, 4, 224).cuda()
+    x = torch.randn(8, 10, 224, 224, device="cuda", requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = embed(x), conv_embed(embed, x_ref)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(out)
+    mine = torch.autograd.grad(out, [x, embed.proj.weight], grad)
+    theirs = torch.autograd.grad(ref, [x_ref, embed.proj.weight], grad)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())

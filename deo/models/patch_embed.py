@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers import Format, PatchEmbed
 
 from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
 
@@ -35,26 +35,33 @@ class LinearPatchEmbed(PatchEmbed):
     A p x p convolution with stride p is a linear map of each patch's ``in_chans * p * p`` values. cuDNN
     runs it in NHWC, so for the NCHW views it converted every input (and gradient) first: in the H100
     profile of the reference step the 6 patch-embedding convolutions took 3.8 ms, the layout conversions
-    3.0 ms and the backward 2.1 ms, against a few hundred microseconds of memory traffic. Here the
-    patches are gathered in one copy, already in the NHWC order the Swin stages take, and the convolution's
-    own weight, flattened, multiplies them: same parameters and state dict, the same result up to
-    summation order. ``as_matmul = False`` (class attribute) restores timm's convolution, for benchmarks.
+    3.0 ms and the backward 2.1 ms, against a few hundred microseconds of memory traffic. Here one copy
+    gathers the patches, already in the NHWC order the Swin stages take and already in autocast's dtype,
+    and the convolution's own weight, flattened, multiplies them: same parameters and state dict, the
+    same result up to summation order. Only the NHWC, unpadded, size-flexible configuration that
+    :func:`make_patch_embed` builds takes this path; any other runs timm's code. ``as_matmul = False``
+    (class attribute) restores timm's convolution everywhere, for benchmarks.
     """
 
     as_matmul = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W), H and W multiples of the patch -> (B, H/p, W/p, embed_dim)."""
-        if not self.as_matmul:
+        if (not self.as_matmul or self.flatten or self.output_fmt != Format.NHWC or self.dynamic_img_pad
+                or self.strict_img_size):
             return super().forward(x)
         b, c, h, w = x.shape
         ph, pw = self.patch_size
         if h % ph or w % pw:
             raise ValueError(f"patch embedding input must be a multiple of {ph} x {pw} pixels, got {h} x {w}")
+        # one copy that gathers and casts: the float32 views are read once and written in bf16 under autocast
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         patches = (
             x.view(b, c, h // ph, ph, w // pw, pw)
             .permute(0, 2, 4, 1, 3, 5)
-            .reshape(b, h // ph, w // pw, c * ph * pw)
+            .to(dtype, memory_format=torch.contiguous_format)  # a no-op when the dtype is unchanged,
+            .reshape(b, h // ph, w // pw, c * ph * pw)  # and then this is the copy
         )
         return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 

@@ -5,7 +5,8 @@
 #                                       # ref_compile, then the GPU tests in what is left of 560 s
 #                                       # (run's timeout_s 590)
 #   bash bench/gpu_session.sh 2 SECONDS # on the machine call 1 warmed: ref_compile_augment_graph, ref_graph,
-#                                       # paper_graph, paper_nockpt within SECONDS (timeout_s SECONDS + 30)
+#                                       # paper_graph, paper_nockpt, then bench/patch_embed_bench.py, within
+#                                       # SECONDS (timeout_s SECONDS + 30)
 # Through the device tool with carry [".whl", ".public"]: .whl holds the omegaconf, antlr4 and timm wheels
 # (the machine has torch but not these), .public/DEO-FM a checkout of the public code
 # (git clone https://github.com/wolfilip/DEO-FM .public/DEO-FM). The lent machines are H200s, not issue
@@ -56,7 +57,9 @@ case "${1:-}" in
     # in priority order (the budget may end early). --keep-caches: on the machine call 1 warmed, the compiled
     # augmentation's variant reuses the step's compiled regions
     python3 bench/gpu_step.py --only ref_compile_augment_graph,ref_graph,paper_graph,paper_nockpt --steps 15 \
-      --compile-warmup-s $(( CW ? 120 : 0 )) --budget-s "$budget" --keep-caches --public-json /tmp/g/public.json \
-      --out /tmp/g/gpu.json $S
+      --compile-warmup-s $(( CW ? 120 : 0 )) --budget-s $(( budget - 25 )) --keep-caches \
+      --public-json /tmp/g/public.json --out /tmp/g/gpu.json $S
+    # the patch embedding alone, both paths side by side (a few seconds; printed in the call's output)
+    timeout 25 python3 bench/patch_embed_bench.py $( [ -n "$S" ] && echo --batch 4 --reps 3 )
     ;;
 esac

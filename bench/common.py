@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: atomic JSON records and a FLOP counter that also sees the CPU's attention.
+"""What the benchmark scripts share: atomic JSON records, a free local port, and a FLOP counter that also
+sees the CPU's attention.
 
 Kept apart from ``gpu_step.py`` so that ``public_step.py`` (the public code's step) does not import deo.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,13 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of asking (for a local process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def flop_counter() -> Any:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from common import free_port  # noqa: E402
 
 from deo.dist import local_tensor  # noqa: E402
 
@@ -95,15 +96,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    import socket
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="fsdp-bench-")
     for strategy in ("ddp", "fsdp"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(_rank, args=(2, port, strategy, args, folder), nprocs=2, join=True,
+        mp.start_processes(_rank, args=(2, free_port(), strategy, args, folder), nprocs=2, join=True,
                            start_method="spawn")
     rec = {f: json.loads(Path(folder, f).read_text()) for f in sorted(os.listdir(folder))}
     ddp, fsdp = rec["ddp.0.json"], rec["fsdp.0.json"]

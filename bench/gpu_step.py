@@ -248,14 +248,16 @@ def read_public(path: str | None, smoke: bool, batch: int) -> dict[str, Any] | N
     """The public code's step measured on this machine (bench/public_step.py), if it is comparable.
 
     Only a successful run at the same batch pairs, a smoke record only with a smoke run, and a full one
-    only at the reference crops (2 x 224 + 10 x 96), which the ``ref_*`` variants train.
+    only at the crops the ``ref_*`` variants train (reference.yaml's: 2 x 224 + 10 x 96).
     """
     if not path or not Path(path).is_file():
         return None
     rec = json.loads(Path(path).read_text())
     if rec.get("status") != "ok" or bool(rec.get("smoke")) != smoke or rec.get("batch") != batch:
         return None
-    if not smoke and (rec.get("global_px"), rec.get("local_px"), rec.get("local_crops")) != (224, 96, 10):
+    views = variant_config(VARIANTS[0], smoke=False, batch=batch).views  # ref_eager's
+    if not smoke and (rec.get("global_px"), rec.get("local_px"), rec.get("local_crops")) != (
+            views.global_size, views.local_size, views.n_local):
         return None
     return {k: rec.get(k) for k in ("device", "samples_per_s", "step_ms_median", "peak_mem_gib", "public_commit",
                                     "scaler_skipped_timed_steps", "process_group")}

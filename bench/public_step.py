@@ -45,7 +45,6 @@ import contextlib
 import datetime
 import importlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flop_counter, write_json  # noqa: E402  (bench/ is not a package)
+from common import flop_counter, free_port, write_json  # noqa: E402  (bench/ is not a package)
 
 # The README's training command, for one GPU; --compile false: see the module docstring.
 PUBLIC_ARGS = ["--arch", "swin_t", "--batch_size_per_gpu", "64", "--local_crops_number", "10", "--eps", "0.05",
@@ -177,12 +176,6 @@ def cpu_stand_ins() -> Iterator[None]:
          misc.is_dist_avail_and_initialized) = saved
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class WithoutDDP(nn.Module):
     """DDP's stand-in when no process group could be made: the ``.module`` the public loop reads."""
 
@@ -275,7 +268,7 @@ def run(rec: dict[str, Any], public_repo: Path, steps: int, warmup: int, smoke: 
         rec["public_commit"] = subprocess.check_output(["git", "-C", str(public_repo), "rev-parse", "HEAD"],
                                                        text=True, stderr=subprocess.DEVNULL).strip()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+                      MASTER_PORT=str(free_port()))
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # one rank: NCCL needs no other interface
     rec["process_group"] = init_one_rank(args, cuda)  # as torchrun --nproc_per_node 1
     main_dino.fix_random_seeds(args.seed)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"public swin_t {public:.3f} ({deo / public:.3f}x)", flush=True)
     if args.out:
         write_json(args.out, {"command": "python bench/trunk_flops.py " + " ".join(argv or sys.argv[1:]),
-                                       "torch": torch.__version__, "per_crop": rows})
+                              "torch": torch.__version__, "per_crop": rows})
     return rows
 
 

@@ -98,8 +98,13 @@ def test_recorded_step_run_eagerly_equals_the_eager_step(sample_shards):
         torch.manual_seed(i)
         got = graphed.graph_body(graphed.graph_inputs(batch, ids, 0, schedule))
         assert set(got) == set(want)
+        # Step 0 runs both on the same parameters: equal outputs. Later steps run on parameters that
+        # differ by rounding (the recorded step decays by a float32 lr x wd, AdamW by a float64 one),
+        # which training amplifies, most in the coding rate's logdet: measured 7e-6 here at step 2,
+        # more on other CPUs. Whether both train alike is the parameter check below.
+        tol = {"rtol": 1e-6, "atol": 1e-7} if i == 0 else {"rtol": 1e-3, "atol": 1e-4}
         for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"step {i}: {k}")
+            torch.testing.assert_close(got[k], want[k], **tol, msg=lambda m, i=i, k=k: f"step {i}: {k}: {m}")
     # what the comparison catches: the same steps with a weight decay frozen at its first value
     frozen = _build(cfg, stats)
     for i, ((batch, ids), schedule) in enumerate(zip(batches, SCHEDULES, strict=True)):

@@ -168,7 +168,6 @@ def build_teacher(teacher_cfg: Any, device: torch.device | str = "cpu") -> DINOv
             "Optical distillation then teaches nothing useful; set teacher.weights to a checkpoint."
         )
         warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(teacher_cfg.dtype)
     if teacher_cfg.dtype == "auto":

@@ -100,6 +100,9 @@ def build_trainer(cfg: PretrainConfig, run_uri: str, callbacks: list[Any] | None
         resources["GPU"] = s.gpus_per_worker
     resources.update(s.worker_resources)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Ray 2.60's Train workers both print and log every print() (Ray's worker stdout is not
+    # sys.__stdout__, so its print patch tees): each progress line would reach the driver twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_uri": run_uri},
@@ -111,7 +114,7 @@ def build_trainer(cfg: PretrainConfig, run_uri: str, callbacks: list[Any] | None
             storage_path=storage_path(cfg.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,
+            worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
         ),
     )

@@ -51,6 +51,8 @@ def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
     r = run_cli(args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "=== pretraining summary ===" in r.stdout and "images/s" in r.stdout
+    progress = [line for line in (r.stdout + r.stderr).splitlines() if "/4 | " in line]
+    assert progress and len(progress) == len(set(progress)), progress  # each printed once
     folder = tmp_path / "e2e"
     assert [x["step"] for x in metric_lines(folder)] == [1, 2, 3, 4]
     assert (folder / "backbone.safetensors").exists() and (folder / "config.yaml").exists()

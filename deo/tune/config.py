@@ -42,7 +42,7 @@ class SweepConfig:
     search: str = option("random", help="random, or optuna (when installed)")
     metric: str = option("probe/knn_avg", help="metric reported by the trials (in-loop kNN probe)")
     mode: str = option("max", help="max or min")
-    grace_period: int = option(1, help="ASHA: reports before a trial may be stopped")
+    grace_period: int = option(1, help="ASHA: training steps before a trial may be stopped (rungs are counted in steps)")
     reduction_factor: int = option(2, help="ASHA: keep the best 1/reduction_factor at each rung")
     seed: int = option(0, help="seed of the search")
     resources: TrialResources = nested(TrialResources)

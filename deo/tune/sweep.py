@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -56,18 +56,19 @@ def base_config(sweep: SweepConfig) -> dict[str, Any]:
 
 def trial_config(sweep: SweepConfig, base: dict[str, Any], params: dict[str, Any], trial_id: str
                  ) -> PretrainConfig:
-    """The pretraining config of one trial: the common base <- sampled params <- its run folder."""
+    """The pretraining config of one trial: the common base <- sampled params <- its run folder
+    (under ``sweep.storage``, which :func:`run_sweep` made absolute on the driver)."""
     r = sweep.resources
     overrides = [
         *overrides_from_params(params),
-        f"run.storage={storage.join(_abs(sweep.storage), sweep.name, 'trials')}",
+        f"run.storage={storage.join(sweep.storage, sweep.name, 'trials')}",
         f"run.name={trial_id}",
         f"scaling.num_workers={r.num_workers}",
         f"scaling.cpus_per_worker={r.cpus_per_worker}",
         f"scaling.use_gpu={r.use_gpu}",
     ]
     if not base.get("train", {}).get("compile_cache"):  # trials compile the same graphs: share the code
-        overrides.append(f"train.compile_cache={storage.join(_abs(sweep.storage), sweep.name, 'compile_cache')}")
+        overrides.append(f"train.compile_cache={storage.join(sweep.storage, sweep.name, 'compile_cache')}")
     return build_config(PretrainConfig, base, overrides, source=sweep.pretrain_config)
 
 
@@ -130,7 +131,9 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
             ray.init(address=address)
         else:  # the dashboard stays on: Tune running Train leaks placement groups without it
             ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False)
-    storage_root = _abs(sweep.storage)
+    # resolved here, on the driver: the trials run in working directories of Ray's own
+    sweep = replace(sweep, storage=_abs(sweep.storage))
+    storage_root = sweep.storage
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources
     trainable = tune.with_resources(

@@ -34,9 +34,9 @@ def sweep_yaml(tmp_path, shards, storage, name, space, extra=None, eurosat=None)
     return path
 
 
-def run_sweep_cli(path, *args, timeout=900):
-    return subprocess.run([sys.executable, "pipelines/sweep.py", "--config", str(path), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_sweep_cli(path, *args, timeout=900, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "pipelines/sweep.py"), "--config", str(path), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def read_rows(fs_or_path):
@@ -78,16 +78,20 @@ def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, s
 
 def test_a_failing_trial_is_recorded_and_the_others_finish(sample_shards, shared_data, tmp_path):
     space = {"loss.eps": {"type": "grid", "values": [0.05, -1.0]}}  # eps=-1 is rejected in the trial
-    path = sweep_yaml(tmp_path, sample_shards, str(tmp_path / "sweeps"), "fails", space,
+    # a relative storage, as the shipped sweep configs have: the trials run in Ray's working
+    # directories, so their run folders must still land under the driver's storage
+    path = sweep_yaml(tmp_path, sample_shards, "sweeps", "fails", space,
                       {"num_samples": 1, "scheduler": "fifo"}, eurosat=shared_data / "eurosat_ms")
     r = run_sweep_cli(path, "overrides=[train.max_steps=8,probe.every=8,run.checkpoint_every=8,"
                             f"data={sample_shards},probe.dataset={shared_data / 'eurosat_ms'},"
-                            "train.batch_size=8,views.n_local=2,run.export=false]")
+                            "train.batch_size=8,views.n_local=2,run.export=false]", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = read_rows((tmp_path / "sweeps/fails/results.csv").read_text())
     by_eps = {float(x["loss.eps"]): x for x in rows}
     assert by_eps[-1.0]["status"] == "ERROR" and "loss.eps" in by_eps[-1.0]["error"]
     assert by_eps[0.05]["status"] == "TERMINATED" and int(by_eps[0.05]["steps"]) == 8
+    trial_runs = list((tmp_path / "sweeps/fails/trials").glob("*/summary.json"))
+    assert len(trial_runs) == 1 and (trial_runs[0].parent / "checkpoint_00000008").is_dir(), trial_runs
     assert "1 trial(s) failed" in r.stdout
 
 

@@ -2,8 +2,8 @@
 
     python data/samples/make_samples.py [SHARED_DATA]
 
-Only crops, band subsets, lossless re-compression and (EuroSAT) band descriptions are applied: pixel
-values are copied unchanged.
+Only crops, band subsets, lossless re-compression and band descriptions (EuroSAT, the N0400 stack) are
+applied: pixel values are copied unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rasterio.windows import transform as window_transform
 
 HERE = Path(__file__).resolve().parent
 DEO_FILE_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+SAFE_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 EUROSAT_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A")
 L2A = "s2_l2a_tile/sentinel-s2-l2a-cogs/29/R/KH/2020/2/S2A_29RKH_20200219_0_L2A"
 L1C = "s2_l1c_tile/sentinel-s2-l1c/tiles/19/U/DP/2017/7/29/0"
@@ -48,6 +49,14 @@ def crop(src_path: Path, dst_path: Path, window: Window, driver: str = "GTiff", 
                     dst.set_band_description(i, d)
 
 
+def describe_bands(path: Path, descriptions: tuple[str, ...]) -> None:
+    """Name the bands of a copied stack in place (GDAL metadata only; pixels untouched)."""
+    path.chmod(0o644)  # the source files are read-only
+    with rasterio.open(path, "r+") as dst:
+        for i, d in enumerate(descriptions, start=1):
+            dst.set_band_description(i, d)
+
+
 def main(shared: Path) -> None:
     """Write every sample below data/samples."""
     for sub in ("s2", "aerial"):
@@ -64,11 +73,12 @@ def main(shared: Path) -> None:
     for band in DEO_FILE_BANDS:
         crop(shared / L1C / f"{band}.jp2", l1c_out / f"{band}.jp2", Window(58, 0, 64, 64))
     shutil.copy(shared / L1C / "tileInfo.json", l1c_out)
-    # Baseline 04.00 crop (+1000 DN offset) with its MTD XML, unchanged.
+    # Baseline 04.00 crop (+1000 DN offset) with its MTD XML; band descriptions (SAFE order) added.
     base_out = HERE / "s2/baselines"
     base_out.mkdir(parents=True)
     for suffix in (".tif", "_MTD.xml"):
         shutil.copy(shared / "s2_baselines" / f"{N0400}{suffix}", base_out)
+    describe_bands(base_out / f"{N0400}.tif", SAFE_ORDER)
     # EuroSAT: the first tiles of each class, band descriptions added (the files carry none).
     for cls_dir in sorted((shared / "eurosat_ms").iterdir()):
         for tif in sorted(cls_dir.glob("*.tif"))[:EUROSAT_PER_CLASS]:

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deo.config import build_config
+from deo.config import build_config, read_yaml
 from deo.ingest.config import IngestConfig
 from deo.ingest.run import PARTS, _even_groups, ingest
 from deo.io import storage
 from deo.io.shards import ShardDataset
+
+from tests_helpers import REPO
 
 L2A = "s2_l2a_tile/sentinel-s2-l2a-cogs/29/R/KH/2020/2/S2A_29RKH_20200219_0_L2A"
 DEO_FILES = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12", "SCL")
@@ -74,6 +76,15 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, shared_data):
     (entry,) = ShardDataset.open(str(tmp_path / "out3")).manifest["sources"]
     assert entry["status"] == "failed" and "unknown band order" in entry["reason"]
     assert summary["counts"]["rows"] == 0
+    # the shipped default config assumes no band order either: a user's own undescribed stacks fail
+    # clearly instead of being read in the committed samples' order
+    shipped = read_yaml(REPO / "configs/ingest/default.yaml")
+    assert "s2_band_order" not in shipped
+    cfg = build_config(IngestConfig, shipped, [f"s2=[{wrong}]", "aerial=[]", f"output={tmp_path / 'out4'}",
+                                               "use_ray=false"])
+    ingest(cfg, log=lambda _: None)
+    (entry,) = ShardDataset.open(str(tmp_path / "out4")).manifest["sources"]
+    assert entry["status"] == "failed" and "set s2_band_order" in entry["reason"]
 
 
 def test_rerun_is_idempotent_resumes_and_drops_stale_files(tmp_path, shared_data):

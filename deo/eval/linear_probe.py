@@ -14,6 +14,7 @@ split that picks ``l2`` and the few-shot draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,13 +162,18 @@ def few_shot_evaluate(
         trials: draws per shot count (draw t uses seed ``seed + t``).
 
     Returns:
-        ``{str(n): {"top1": mean, "top1_std": std, "macro_f1": mean, "trials": t}}``.
+        ``{str(n): {"top1": mean, "top1_std": std, "macro_f1": mean, "trials": t}}``; a size that the
+        smallest class cannot fill gets ``{"skipped": reason}`` (its draw would really be fewer-shot).
     """
     if train_y.ndim != 1:
         raise ValueError("few-shot probes need single-label data (multi-label sets have no per-class draw)")
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     labels = train_y.cpu().numpy()
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
     for n in shots:
+        if n > smallest:
+            out[str(n)] = {"skipped": f"the smallest class has {smallest} training samples, fewer than {n}"}
+            continue
         runs = []
         for t in range(trials):
             idx = torch.from_numpy(sample_per_class(labels, n, seed + t))

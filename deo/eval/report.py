@@ -38,6 +38,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"kNN k used: {ks} (average = knn_avg); train {d['n_train']}, test {d['n_test']}, "
                  f"{len(d['classes'])} classes; numbers in %")
+    skipped = {n: f["skipped"] for r in report["results"].values()
+               for n, f in (r.get("few_shot") or {}).items() if "skipped" in f}
+    if skipped:
+        lines.append(f"few-shot {', '.join(f'{n}-shot' for n in skipped)} not run: {next(iter(skipped.values()))}")
     return "\n".join(lines)
 
 

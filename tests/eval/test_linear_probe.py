@@ -77,6 +77,12 @@ def test_few_shot_uses_n_per_class():
         m = fit_logistic(x[:60][i], y[:60][i], 3, 1e-2)
         accs.append(float((m.scores(x[60:]).argmax(1) == y[60:]).float().mean()))
     assert res["5"]["top1"] == pytest.approx(np.mean(accs))
+    # a size the smallest class cannot fill is skipped, not reported as a fewer-shot result
+    few = (y[:60] != 2) | (torch.arange(60) < 24)  # class 2 keeps only its draws among the first 24
+    smallest = int(np.bincount(y[:60][few].numpy()).min())
+    res = few_shot_evaluate(x[:60][few], y[:60][few], x[60:], y[60:], 3, l2=1e-2, shots=(smallest, smallest + 1),
+                            trials=1)
+    assert "top1" in res[str(smallest)] and "fewer than" in res[str(smallest + 1)]["skipped"]
 
 
 def test_stratified_split_keeps_class_fractions():

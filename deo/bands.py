@@ -107,11 +107,12 @@ def parse_band_order(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...
             )
     else:
         items = list(value)
-        if len(items) == 1 and items[0].strip().lower() in S2_BAND_ORDER_PRESETS:
-            return S2_BAND_ORDER_PRESETS[items[0].strip().lower()]
-        if len(items) == 1 and "," in items[0]:
-            items = items[0].split(",")
-    order = tuple(normalise_band_name(v) for v in items)
+        if len(items) == 1:  # a preset name or a comma string, given as a one-item list
+            return parse_band_order(items[0])
+    try:
+        order = tuple(normalise_band_name(v) for v in items)
+    except ValueError as e:
+        raise ValueError(f"s2_band_order {value!r}: {e}") from None
     if len(set(order)) != len(order):
         raise ValueError(f"s2_band_order {value!r} lists a band twice")
     return order

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import sys
@@ -113,8 +114,7 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") 
     names = {f.name for f in dataclasses.fields(cls)}
     for k, v in data.items():
         if k not in names:
-            valid = ", ".join(sorted(flat_keys(cls, prefix)))
-            raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; valid keys: {valid}")
+            raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; {_known_keys_hint(cls, prefix, k)}")
         if _is_dataclass_type(hints[k]):
             if not isinstance(v, dict):
                 raise ConfigError(
@@ -122,6 +122,19 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") 
                     f"its keys, got {v!r}"
                 )
             _check_keys(hints[k], v, source, prefix + k + ".")
+
+
+def _known_keys_hint(cls: type, prefix: str, name: str) -> str:
+    """The closest valid keys to a misspelt one, else the section's keys when few, else --help."""
+    keys = sorted(flat_keys(cls, prefix))
+    # a misspelt section ('trian') is compared with the sections, a misspelt leaf with the keys
+    sections = sorted({k[len(prefix):].split(".")[0] for k in keys})
+    close = difflib.get_close_matches(name, sections, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "? (--help lists every key)"
+    if len(keys) <= 12:
+        return "valid keys: " + ", ".join(keys)
+    return "--help lists every key"
 
 
 def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
@@ -147,7 +160,11 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
             # integer 2799700000, and 1e3 or 0x1f as numbers
             value: Any = raw
         else:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}={raw}: not a valid value ({getattr(e, 'problem', e)}); "
+                                  "lists are written key=[a,b]") from None
             if raw.strip().lower() in ("null", "none", "~"):
                 value = None
         if _is_list_type(tp) and value is not None and not isinstance(value, list):
@@ -170,7 +187,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = read_text(str(path))
     except FileNotFoundError as e:
         raise ConfigError(f"config file {path} not found") from e
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     return data
@@ -201,7 +223,11 @@ def build_config(
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
-        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from e
+        # OmegaConf appends its own object model (full_key, reference_type, ...) to the message
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        tp = flat_keys(cls).get(key)
+        expected = f" (expected {_type_name(tp[0])})" if tp else ""
+        raise ConfigError(f"config key '{key}': {msg}{expected}") from None
     except (TypeError, ValueError) as e:  # raised from a __post_init__
         raise ConfigError(str(e)) from e
     return obj  # type: ignore[return-value]

@@ -17,9 +17,29 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.teacher.layers == [1, 3]
 
 
-def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key 'loss.gama'.*loss.gamma"):
+def test_unknown_key_suggests_the_closest_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.gama'.*did you mean 'loss.gamma'\?"):
         build_config(PretrainConfig, overrides=["loss.gama=1"])
+    with pytest.raises(ConfigError, match=r"'trian' in command line; did you mean 'train'\?") as e:
+        build_config(PretrainConfig, overrides=["trian.max_steps=1"])
+    assert len(str(e.value)) < 200  # not every key of the config
+    with pytest.raises(ConfigError, match=r"'loss.zzz' in command line; valid keys: loss.alpha1, "):
+        build_config(PretrainConfig, overrides=["loss.zzz=1"])  # a short section: its keys
+    with pytest.raises(ConfigError, match=r"'zzz' in command line; --help lists every key"):
+        build_config(PretrainConfig, overrides=["zzz=1"])
+
+
+def test_malformed_yaml_and_values_are_one_line_errors_naming_file_or_key(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  max_steps: 3\n bad: [\n")
+    with pytest.raises(ConfigError, match=r"config file .*broken.yaml is not valid YAML at line 3, column 2"):
+        load_config(PretrainConfig, ["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"views.global_scale=\[0.4,: not a valid value"):
+        build_config(PretrainConfig, overrides=["views.global_scale=[0.4,"])
+    with pytest.raises(ConfigError) as e:
+        build_config(PretrainConfig, overrides=["train.max_steps=many"])
+    assert str(e.value) == ("config key 'train.max_steps': Value 'many' of type 'str' could not be converted "
+                            "to Integer (expected int)")
 
 
 def test_unknown_yaml_key_names_the_file(tmp_path):
@@ -68,3 +88,13 @@ def test_string_overrides_stay_as_typed():
         assert cfg.run.name == raw
     assert build_config(PretrainConfig, None, ['run.name="quoted name"']).run.name == "quoted name"
     assert build_config(PretrainConfig, None, ["train.lr=1e-3"]).train.lr == 1e-3  # numbers still parse
+
+
+def test_band_order_errors_name_the_key_and_the_presets():
+    from deo.ingest.config import IngestConfig
+
+    with pytest.raises(ConfigError, match=r"unknown s2_band_order 'eurosatt': expected a preset \(s2_13, eurosat"):
+        build_config(IngestConfig, overrides=["s2_band_order=eurosatt"])
+    with pytest.raises(ConfigError, match=r"s2_band_order \['B02', 'BXX'\]: unknown Sentinel-2 band 'BXX'"):
+        build_config(IngestConfig, overrides=["s2_band_order=[B02,BXX]"])
+    assert build_config(IngestConfig, overrides=["s2_band_order=[EuroSAT]"]).s2_band_order == ["EuroSAT"]

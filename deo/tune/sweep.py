@@ -42,13 +42,15 @@ def _abs(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def base_config(sweep: SweepConfig) -> dict[str, Any]:
-    """The trials' common pretraining config (base YAML <- sweep overrides) with local paths made
-    absolute on the driver: Tune runs each trial in its own working directory."""
+def base_config(sweep: SweepConfig, cfg: PretrainConfig | None = None) -> dict[str, Any]:
+    """The trials' common pretraining config (base YAML <- sweep overrides; ``cfg`` when already
+    built) with local paths made absolute on the driver: Tune runs each trial in its own working
+    directory."""
     from deo.train.driver import absolute_paths, ensure_default_data, validate
 
-    cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
-                       source=sweep.pretrain_config)
+    if cfg is None:
+        cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
+                           source=sweep.pretrain_config)
     ensure_default_data(cfg)  # the default sweep on a fresh clone: ingest the committed samples once
     validate(cfg)  # fail here, naming the key, rather than in every trial
     return to_dict(absolute_paths(cfg))
@@ -125,6 +127,10 @@ def _searcher(sweep: SweepConfig) -> Any:
 
 def run_sweep(sweep: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep and write results.csv, best.yaml and metric curves."""
+    # a misspelt key in overrides, pretrain_config or space fails before a local Ray starts
+    pretrain = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
+                            source=sweep.pretrain_config)
+    space = to_tune_space(sweep.space)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -137,10 +143,9 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(sweep)),
+        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(sweep, pretrain)),
         {"CPU": r.trainable_cpus},
     )
-    space = to_tune_space(sweep.space)
     tune_path = storage.join(storage_root, sweep.name)
     if tune.Tuner.can_restore(tune_path):
         print(f"resuming sweep {tune_path}", flush=True)

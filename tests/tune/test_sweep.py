@@ -143,3 +143,11 @@ def test_trials_share_one_compile_cache_unless_the_config_names_one(tmp_path):
     assert a.run.name != b.run.name
     base["train"]["compile_cache"] = "s3://bucket/compiled"
     assert trial_config(sweep, base, {}, "t3").train.compile_cache == "s3://bucket/compiled"
+
+
+def test_config_errors_fail_before_ray_starts():
+    for args, message in ((["overrides=[train.max_stepz=3]"], "did you mean 'train.max_steps'"),
+                          (["space={loss.gama: {type: choice, values: [1]}}"], "space.loss.gama")):
+        r = run_sweep_cli(REPO / "configs/sweep/alpha_gamma.yaml", *args, timeout=120)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+        assert "Started a local Ray instance" not in r.stdout + r.stderr

@@ -273,6 +273,18 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
+    changes = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changes.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return changes
+
+
 def config_hash(cfg: Any) -> str:
     """A short stable hash of the resolved config."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()

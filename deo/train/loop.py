@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 
 from deo import dist
-from deo.config import to_dict, to_yaml
+from deo.config import config_changes, to_dict, to_yaml
 from deo.data.loader import ShardIndex, ShardLoader
 from deo.data.sampling import DataPosition, batches_left, lane_streams
 from deo.io import storage
@@ -102,6 +103,23 @@ def compiled_regions(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:
     return [m for module in modules if module is not None for m in module.modules() if isinstance(m, kinds)]
 
 
+def record_config_changes(run_uri: str, cfg: PretrainConfig, step: int) -> list[str]:
+    """A resume under another config (a longer run, other weights, more workers): say what changed,
+    keep the run's previous config.yaml as ``config.until_step_<step>.yaml`` and write the new one."""
+    uri = storage.join(run_uri, "config.yaml")
+    if not storage.exists(uri):
+        return []
+    before = storage.read_text(uri)
+    changes = config_changes(yaml.safe_load(before) or {}, to_dict(cfg))
+    if changes:
+        kept = f"config.until_step_{step:08d}.yaml"
+        storage.write_text(storage.join(run_uri, kept), before)
+        storage.write_text(uri, to_yaml(cfg))
+        print(f"the config differs from the run's at step {step}; it trains on under the new one "
+              f"(the old one kept as {kept}):\n  " + "\n  ".join(changes), flush=True)
+    return changes
+
+
 def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     """Run (or resume) pretraining until ``train.max_steps``; rank 0 writes the run folder.
 
@@ -175,6 +193,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     if main and step > 0:
         print(f"resuming {run_uri} at step {step} (epoch {position.epoch}, "
               f"{position.samples} samples into it)", flush=True)
+        record_config_changes(run_uri, cfg, step)
 
     started = time.perf_counter()
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

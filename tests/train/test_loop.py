@@ -85,6 +85,21 @@ def test_stop_and_rerun_resumes_exactly(sample_shards, tmp_path):
     assert straight.final_losses["loss"] == pytest.approx(resumed.final_losses["loss"], rel=1e-4)
 
 
+def test_a_resume_under_another_config_says_what_changed_and_keeps_both(sample_shards, tmp_path, capsys):
+    first = tiny_cfg(sample_shards, tmp_path, "changed", "train.max_steps=2", "run.checkpoint_every=2")
+    run(first, tmp_path)
+    capsys.readouterr()
+    longer = tiny_cfg(sample_shards, tmp_path, "changed", "train.max_steps=3", "run.checkpoint_every=2",
+                      "loss.gamma=0.5")
+    assert run(longer, tmp_path).start_step == 2
+    out = capsys.readouterr().out
+    assert "the config differs from the run's at step 2" in out
+    assert "loss.gamma: 1.0 -> 0.5" in out and "train.max_steps: 2 -> 3" in out
+    folder = tmp_path / "changed"
+    assert build_config(PretrainConfig, read_yaml(folder / "config.yaml")) == longer
+    assert build_config(PretrainConfig, read_yaml(folder / "config.until_step_00000002.yaml")) == first
+
+
 def test_a_nan_loss_stops_training_naming_the_term(sample_shards, tmp_path, monkeypatch):
     from deo.losses import coding_rate
 

@@ -99,10 +99,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", s) if isinstance(tp, type) else s
 
 
-def help_text(cls: type, title: str = "") -> str:
-    """Every key with its type, default and meaning, for ``--help``."""
+def help_text(cls: type, title: str = "", defaults: dict[str, Any] | None = None, source: str = "") -> str:
+    """Every key with its type, default and meaning, for ``--help``.
+
+    Args:
+        defaults: the config a run would get without overrides (``to_dict`` of it), when a YAML file
+            (``source``) sets some keys: those are shown rather than the dataclass defaults.
+    """
     lines = [title, "", "usage: [--config PATH] [key=value ...]   (lists: key=[a,b])", ""]
+    if source:
+        lines[-1:-1] = [f"defaults below: the dataclass defaults <- {source}"]
     for key, (tp, doc, default) in flat_keys(cls).items():
+        if defaults is not None:
+            node: Any = defaults
+            for part in key.split("."):
+                node = node[part]
+            default = node
         lines.append(f"  {key} ({_type_name(tp)}, default {default!r})")
         if doc:
             lines.append(f"      {doc}")
@@ -244,9 +256,6 @@ def load_config(cls: type[T], argv: Sequence[str], default_config: str | Path | 
         title: first line of ``--help``.
     """
     args = list(argv)
-    if "-h" in args or "--help" in args:
-        print(help_text(cls, title))
-        raise SystemExit(0)
     path: str | Path | None = default_config
     if "--config" in args:
         i = args.index("--config")
@@ -260,6 +269,10 @@ def load_config(cls: type[T], argv: Sequence[str], default_config: str | Path | 
             args.remove(a)
             break
     data = read_yaml(path) if path else None
+    if "-h" in args or "--help" in args:
+        defaults = to_dict(build_config(cls, data, source=str(path))) if data else None
+        print(help_text(cls, title, defaults, str(path) if data else ""))
+        raise SystemExit(0)
     return build_config(cls, data, args, source=str(path))
 
 

@@ -72,6 +72,16 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_help_shows_the_defaults_a_run_would_get(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  head_hidden: 256\n")
+    with pytest.raises(SystemExit):
+        load_config(PretrainConfig, ["--help"], default_config=path)
+    out = capsys.readouterr().out
+    assert "model.head_hidden (int, default 256)" in out and str(path) in out
+    assert "train.max_steps (int, default " in out  # keys the file leaves alone keep their defaults
+
+
 def test_help_lists_every_key():
     text = help_text(PretrainConfig)
     for key in ("loss.alpha1", "loss.gamma", "scaling.num_workers", "teacher.weights", "probe.every"):

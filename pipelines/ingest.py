@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(IngestConfig, argv, DEFAULT_CONFIG, title="python pipelines/ingest.py: "
                           "Sentinel-2 + aerial imagery -> Parquet shards")
-    except ConfigError as e:
+        summary = ingest(cfg)
+    except ConfigError as e:  # also storage that refuses access (deo.io.storage.StorageAccessError)
         fail(str(e))
-    summary = ingest(cfg)
     c = summary["counts"]
     print(f"[ingest] done in {summary['seconds']:.1f} s: {c['rows']} tiles ({c['ms']} MS, "
           f"{c['optical']} optical, {c['paired']} aerial pairs, {c['sar']} with SAR), rejected {c['rejected']} "

@@ -63,6 +63,7 @@ def _is_glob(uri: str) -> bool:
     return any(c in uri for c in "*?[")
 
 
+@storage.reports_access_errors
 def expand(uri: str) -> tuple[list[str], list[Skipped]]:
     """Files named by one input entry: a file, a folder (recursive) or a glob.
 

@@ -7,10 +7,63 @@ come from the environment, an instance role or a profile, never from config file
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
+
+from deo.config import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "DefaultCredentialsError", "RefreshError"}
+"""botocore's and google-auth's errors for missing or unusable credentials (matched by name: neither
+library is imported unless its scheme is used)."""
+
+
+class StorageAccessError(ConfigError):
+    """Object storage refused or could not be reached: credentials, permissions, endpoint."""
+
+
+def _access_problem(e: BaseException, uri: str) -> str | None:
+    """One line for an error of the storage environment (not of the data), else None."""
+    seen: BaseException | None = e
+    while seen is not None:
+        name = type(seen).__name__
+        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+        if name in _NO_CREDENTIALS:
+            hint = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (and AWS_ENDPOINT_URL "
+                    "for MinIO or another S3-compatible store)" if scheme == "s3" else
+                    "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`")
+            return f"{uri}: no usable {scheme} credentials ({seen}); {hint}"
+        if name == "EndpointConnectionError":
+            return f"{uri}: cannot reach the object store ({seen}); check AWS_ENDPOINT_URL and the network"
+        if isinstance(seen, PermissionError):
+            return f"{uri}: access denied ({seen})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def reports_access_errors(fn: F) -> F:
+    """Turn credential, permission and endpoint errors of ``fn(uri, ...)`` into a one-line
+    :class:`StorageAccessError` naming the URI (they otherwise surface as 60-line tracebacks)."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(uri, *args, **kwargs)
+        except StorageAccessError:
+            raise
+        except Exception as e:
+            problem = _access_problem(e, uri)
+            if problem is None:
+                raise
+            raise StorageAccessError(problem) from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 def is_remote(uri: str) -> bool:
@@ -62,12 +115,14 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+@reports_access_errors
 def exists(uri: str) -> bool:
     """Whether a file or folder exists at ``uri``."""
     fs, path = filesystem(uri)
     return bool(fs.exists(path))
 
 
+@reports_access_errors
 def read_bytes(uri: str) -> bytes:
     """Read a whole file."""
     fs, path = filesystem(uri)
@@ -80,6 +135,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+@reports_access_errors
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file, creating parent folders on local disks.
 
@@ -103,6 +159,7 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+@reports_access_errors
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files below ``uri`` (recursive) ending in ``suffix``, as URIs of the same form, sorted."""
     fs, path = filesystem(uri)
@@ -114,6 +171,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + p for p in found if p.endswith(suffix))
 
 
+@reports_access_errors
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete a file or folder if it exists."""
     fs, path = filesystem(uri)

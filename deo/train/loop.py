@@ -284,7 +284,8 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
             from deo.export import export_backbone
 
             summary.backbone = storage.join(run_uri, "backbone.safetensors")
-            export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step)
+            export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step,
+                            source=storage.join(run_uri, ckpt.checkpoint_name(step)))
         if log is not None:
             log.close()
         storage.write_text(storage.join(run_uri, "summary.json"),

@@ -60,6 +60,10 @@ def test_run_folder_contract(sample_shards, tmp_path):
         (sample_shards / "manifest.json").read_text())["bands"]
     again = build_config(PretrainConfig, read_yaml(folder / "config.yaml"))
     assert again == cfg  # the saved config reloads to the same run
+    from deo.export import read_header
+
+    header = read_header((folder / "backbone.safetensors").read_bytes())
+    assert header["source"] == str(folder / "checkpoint_00000003") and header["step"] == "3"
 
 
 def test_stop_and_rerun_resumes_exactly(sample_shards, tmp_path):

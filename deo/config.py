@@ -141,7 +141,7 @@ def _known_keys_hint(cls: type, prefix: str, name: str) -> str:
     keys = sorted(flat_keys(cls, prefix))
     # a misspelt section ('trian') is compared with the sections, a misspelt leaf with the keys
     sections = sorted({k[len(prefix):].split(".")[0] for k in keys})
-    close = difflib.get_close_matches(name, sections, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), sections, n=3, cutoff=0.6)  # YAML keys may be bools
     if close:
         return "did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "? (--help lists every key)"
     if len(keys) <= 12:

@@ -27,6 +27,8 @@ def test_unknown_key_suggests_the_closest_valid_keys():
         build_config(PretrainConfig, overrides=["loss.zzz=1"])  # a short section: its keys
     with pytest.raises(ConfigError, match=r"'zzz' in command line; --help lists every key"):
         build_config(PretrainConfig, overrides=["zzz=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.True' in YAML"):
+        build_config(PretrainConfig, {"train": {True: 1}})  # YAML 1.1 reads a key `on:` as True
 
 
 def test_malformed_yaml_and_values_are_one_line_errors_naming_file_or_key(tmp_path):

@@ -24,25 +24,44 @@ _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialR
 library is imported unless its scheme is used)."""
 
 
+_CREDENTIAL_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (and AWS_ENDPOINT_URL for MinIO "
+          "or another S3-compatible store)",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+    "gcs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+}
+
+
 class StorageAccessError(ConfigError):
-    """Object storage refused or could not be reached: credentials, permissions, endpoint."""
+    """Object storage refused or could not be reached.
+
+    Attributes:
+        kind: ``credentials`` or ``endpoint`` (the whole store is out of reach: a run should stop), or
+            ``denied`` (this object: an ingest records it against its source and goes on).
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses process boundaries (Ray tasks)
+        return type(self), (str(self), self.kind)
 
 
-def _access_problem(e: BaseException, uri: str) -> str | None:
-    """One line for an error of the storage environment (not of the data), else None."""
+def _access_problem(e: BaseException, uri: str) -> StorageAccessError | None:
+    """The error of the storage environment (not of the data) behind ``e``, else None."""
     seen: BaseException | None = e
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     while seen is not None:
         name = type(seen).__name__
-        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
         if name in _NO_CREDENTIALS:
-            hint = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (and AWS_ENDPOINT_URL "
-                    "for MinIO or another S3-compatible store)" if scheme == "s3" else
-                    "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`")
-            return f"{uri}: no usable {scheme} credentials ({seen}); {hint}"
+            hint = _CREDENTIAL_HINTS.get(scheme, f"configure credentials for {scheme}://")
+            return StorageAccessError(f"{uri}: no usable {scheme} credentials ({seen}); {hint}", "credentials")
         if name == "EndpointConnectionError":
-            return f"{uri}: cannot reach the object store ({seen}); check AWS_ENDPOINT_URL and the network"
+            return StorageAccessError(
+                f"{uri}: cannot reach the object store ({seen}); check AWS_ENDPOINT_URL and the network", "endpoint")
         if isinstance(seen, PermissionError):
-            return f"{uri}: access denied ({seen})"
+            return StorageAccessError(f"{uri}: access denied ({seen})", "denied")
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -61,7 +80,7 @@ def reports_access_errors(fn: F) -> F:
             problem = _access_problem(e, uri)
             if problem is None:
                 raise
-            raise StorageAccessError(problem) from e
+            raise problem from e
 
     return wrapper  # type: ignore[return-value]
 

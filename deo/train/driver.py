@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from deo.bands import DEO_BANDS
-from deo.config import ConfigError
+from deo.config import ConfigError, config_changes, to_dict
 from deo.io import storage
 from deo.io.shards import ShardDataset
 from deo.train.config import PretrainConfig
@@ -102,6 +104,18 @@ def finished_summary(run_uri: str, cfg: PretrainConfig) -> dict[str, Any] | None
     return summary if summary.get("steps", 0) >= cfg.train.max_steps else None
 
 
+def warn_if_config_changed(run_uri: str, cfg: PretrainConfig) -> None:
+    """A finished run rerun under another config trains nothing: say so rather than ignore the change."""
+    uri = storage.join(run_uri, "config.yaml")
+    if not storage.exists(uri):
+        return
+    changes = config_changes(yaml.safe_load(storage.read_text(uri)) or {}, to_dict(cfg))
+    if changes:
+        print(f"warning: {run_uri} already finished under another config, so nothing trains under this one "
+              "(raise train.max_steps to train on, or choose another run.name):\n  " + "\n  ".join(changes),
+              file=sys.stderr, flush=True)
+
+
 def _init_ray(cfg: PretrainConfig) -> None:
     import ray
 
@@ -128,6 +142,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     run_uri = run_folder(cfg)
     done = finished_summary(run_uri, cfg)
     if done is not None:
+        warn_if_config_changed(run_uri, cfg)
         return PretrainResult(run_uri, done, resumed_finished=True)
     if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in cfg.run.storage \
             and not cfg.run.storage.startswith("/"):

@@ -113,7 +113,8 @@ def record_config_changes(run_uri: str, cfg: PretrainConfig, step: int) -> list[
     changes = config_changes(yaml.safe_load(before) or {}, to_dict(cfg))
     if changes:
         kept = f"config.until_step_{step:08d}.yaml"
-        storage.write_text(storage.join(run_uri, kept), before)
+        if not storage.exists(storage.join(run_uri, kept)):  # a second change from this step: the first
+            storage.write_text(storage.join(run_uri, kept), before)  # config trained up to it
         storage.write_text(uri, to_yaml(cfg))
         print(f"the config differs from the run's at step {step}; it trains on under the new one "
               f"(the old one kept as {kept}):\n  " + "\n  ".join(changes), flush=True)

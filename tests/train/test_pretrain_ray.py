@@ -59,6 +59,10 @@ def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
     assert sorted(p.name for p in folder.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000004"]
     again = run_cli(args)
     assert again.returncode == 0 and "already finished at step 4" in again.stdout
+    assert "warning" not in again.stderr, again.stderr[-2000:]
+    changed = run_cli([*args, "loss.gamma=0.5"])  # finished: the new weight trains nothing, and it says so
+    assert changed.returncode == 0 and "already finished at step 4" in changed.stdout
+    assert "already finished under another config" in changed.stderr and "loss.gamma: 1.0 -> 0.5" in changed.stderr
 
 
 @pytest.mark.ray

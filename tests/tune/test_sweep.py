@@ -48,9 +48,14 @@ def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, s
     import s3fs
 
     data = s3_server.upload_dir(sample_shards, f"{s3_bucket}/shards")
-    space = {"loss.alpha1": {"type": "grid", "values": [0.0, 0.25, 0.5, 1.0]},
-             "loss.gamma": {"type": "choice", "values": [0.5, 1.0]}}
-    path = sweep_yaml(tmp_path, data, f"{s3_bucket}/sweeps", "asha", space, {"num_samples": 1},
+    # Which trial ASHA stops must not hang on noise: ranked by the loss, whose -gamma x coding rate
+    # (a coding rate of 1.5-2.5) puts gamma=4 far ahead of the others, and run one after another, the
+    # second trial (gamma=0.25) always meets the first at the rung and is stopped there. (Ranked by the
+    # kNN probe, close trials in grid order sometimes each beat the ones before: nothing stopped.)
+    space = {"loss.gamma": {"type": "grid", "values": [4.0, 0.25, 0.5, 1.0]},
+             "loss.alpha1": {"type": "choice", "values": [0.5, 1.0]}}
+    path = sweep_yaml(tmp_path, data, f"{s3_bucket}/sweeps", "asha", space,
+                      {"num_samples": 1, "max_concurrent": 1, "metric": "loss", "mode": "min"},
                       eurosat=shared_data / "eurosat_ms")
     r = run_sweep_cli(path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -66,8 +71,11 @@ def test_asha_sweep_on_s3_stops_trials_early_and_writes_results(sample_shards, s
     assert any(r["status"] == "TERMINATED" and int(r["steps"]) == 24 for r in rows)
     best = yaml.safe_load(fs.cat(f"{root}/best.yaml").decode())
     cfg = build_config(PretrainConfig, best)  # a valid pretrain config ...
-    top = max(rows, key=lambda r: float(r["probe/knn_avg"]))
-    assert cfg.loss.alpha1 == pytest.approx(float(top["loss.alpha1"]))  # ... with the best weights
+    top = min(rows, key=lambda r: float(r["loss"]))
+    assert cfg.loss.gamma == float(top["loss.gamma"]) == 4.0  # ... with the best weights
+    assert cfg.loss.alpha1 == pytest.approx(float(top["loss.alpha1"]))
+    stopped = next(r for r in rows if float(r["loss.gamma"]) == 0.25)
+    assert stopped["status"] == "STOPPED" and int(stopped["steps"]) == 8, rows
     assert fs.cat(f"{root}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:  # stopped trials keep their checkpoints
         folder = f"{root}/trials/{row['trial']}"

@@ -13,6 +13,7 @@ Example YAML::
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from ray import tune
@@ -31,7 +32,10 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in space.items():
         if key not in valid:
-            raise ConfigError(f"space.{key}: not a pretraining config key; valid keys: {', '.join(valid)}")
+            close = difflib.get_close_matches(str(key), list(valid), n=3, cutoff=0.8)
+            hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "?") if close else \
+                "`python pipelines/pretrain.py --help` lists them"
+            raise ConfigError(f"space.{key}: not a pretraining config key; {hint}")
         kind = spec.get("type")
         try:
             if kind == "grid":

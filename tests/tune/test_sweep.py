@@ -132,7 +132,7 @@ def test_sweep_config_rejects_unknown_space_keys(tmp_path):
     from deo.config import ConfigError
     from deo.tune.space import to_tune_space
 
-    with pytest.raises(ConfigError, match="space.loss.gama"):
+    with pytest.raises(ConfigError, match="space.loss.gama: not a pretraining config key; did you mean 'loss.gamma'"):
         to_tune_space({"loss.gama": {"type": "uniform", "low": 0, "high": 1}})
     with pytest.raises(ConfigError, match="needs field 'high'"):
         to_tune_space({"loss.gamma": {"type": "uniform", "low": 0}})

@@ -286,13 +286,17 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
+def config_changes(saved_yaml: str, cfg: Any) -> list[str]:
+    """``key: old -> new`` for every dotted key where ``cfg`` differs from a saved config's YAML text."""
+    return _dict_changes(yaml.safe_load(saved_yaml) or {}, to_dict(cfg))
+
+
+def _dict_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     changes = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{k}.")
+            changes += _dict_changes(a, b, f"{prefix}{k}.")
         elif a != b:
             changes.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return changes

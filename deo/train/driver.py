@@ -13,10 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from deo.bands import DEO_BANDS
-from deo.config import ConfigError, config_changes, to_dict
+from deo.config import ConfigError, config_changes
 from deo.io import storage
 from deo.io.shards import ShardDataset
 from deo.train.config import PretrainConfig
@@ -109,7 +107,7 @@ def warn_if_config_changed(run_uri: str, cfg: PretrainConfig) -> None:
     uri = storage.join(run_uri, "config.yaml")
     if not storage.exists(uri):
         return
-    changes = config_changes(yaml.safe_load(storage.read_text(uri)) or {}, to_dict(cfg))
+    changes = config_changes(storage.read_text(uri), cfg)
     if changes:
         print(f"warning: {run_uri} already finished under another config, so nothing trains under this one "
               "(raise train.max_steps to train on, or choose another run.name):\n  " + "\n  ".join(changes),

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 
 from deo import dist
 from deo.config import config_changes, to_dict, to_yaml
@@ -110,7 +109,7 @@ def record_config_changes(run_uri: str, cfg: PretrainConfig, step: int) -> list[
     if not storage.exists(uri):
         return []
     before = storage.read_text(uri)
-    changes = config_changes(yaml.safe_load(before) or {}, to_dict(cfg))
+    changes = config_changes(before, cfg)
     if changes:
         kept = f"config.until_step_{step:08d}.yaml"
         if not storage.exists(storage.join(run_uri, kept)):  # a second change from this step: the first

@@ -126,7 +126,7 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") 
     names = {f.name for f in dataclasses.fields(cls)}
     for k, v in data.items():
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; {_known_keys_hint(cls, prefix, k)}")
+            raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; {unknown_key_hint(cls, k, prefix)}")
         if _is_dataclass_type(hints[k]):
             if not isinstance(v, dict):
                 raise ConfigError(
@@ -136,17 +136,22 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") 
             _check_keys(hints[k], v, source, prefix + k + ".")
 
 
-def _known_keys_hint(cls: type, prefix: str, name: str) -> str:
-    """The closest valid keys to a misspelt one, else the section's keys when few, else --help."""
+def unknown_key_hint(cls: type, key: Any, prefix: str = "", help_hint: str = "--help lists every key") -> str:
+    """What to say of a key of ``cls`` (dotted, below ``prefix``) that is not one: the closest valid
+    keys of the deepest section it names, else that section's keys when few, else ``help_hint``."""
+    parts = str(key).split(".")  # YAML 1.1 reads a key `on:` as True
+    while len(parts) > 1 and _is_dataclass_type(_hints(cls).get(parts[0])):
+        cls, prefix = _hints(cls)[parts[0]], prefix + parts[0] + "."
+        parts = parts[1:]
     keys = sorted(flat_keys(cls, prefix))
     # a misspelt section ('trian') is compared with the sections, a misspelt leaf with the keys
-    sections = sorted({k[len(prefix):].split(".")[0] for k in keys})
-    close = difflib.get_close_matches(str(name), sections, n=3, cutoff=0.6)  # YAML keys may be bools
+    names = sorted({k[len(prefix):].split(".")[0] for k in keys})
+    close = difflib.get_close_matches(parts[0], names, n=3, cutoff=0.6)
     if close:
-        return "did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "? (--help lists every key)"
+        return "did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + f"? ({help_hint})"
     if len(keys) <= 12:
         return "valid keys: " + ", ".join(keys)
-    return "--help lists every key"
+    return help_hint
 
 
 def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:

@@ -13,12 +13,11 @@ Example YAML::
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from ray import tune
 
-from deo.config import ConfigError, flat_keys
+from deo.config import ConfigError, flat_keys, unknown_key_hint
 from deo.train.config import PretrainConfig
 
 
@@ -32,9 +31,7 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in space.items():
         if key not in valid:
-            close = difflib.get_close_matches(str(key), list(valid), n=3, cutoff=0.8)
-            hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "?") if close else \
-                "`python pipelines/pretrain.py --help` lists them"
+            hint = unknown_key_hint(PretrainConfig, key, help_hint="`python pipelines/pretrain.py --help` lists them")
             raise ConfigError(f"space.{key}: not a pretraining config key; {hint}")
         kind = spec.get("type")
         try:

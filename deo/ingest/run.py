@@ -82,11 +82,9 @@ def probe(source: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict
         if src.kind == "s1_pair":
             return probe_sar(src, cfg, cache)
         return probe_s2(src, cfg, cache)
-    except storage.StorageAccessError as e:
-        if e.kind != "denied":  # no credentials or no endpoint: every source would fail the same way
-            raise
-        return {"kind": src.kind, "uri": src.uri, "key": src.key, "files": src.files, "error": str(e)}
     except (SourceError, ValueError, OSError) as e:
+        if isinstance(e, storage.StorageAccessError) and e.kind != "denied":
+            raise  # no credentials or no endpoint: every source would fail the same way
         return {"kind": src.kind, "uri": src.uri, "key": src.key, "files": src.files, "error": str(e)}
 
 

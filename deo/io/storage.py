@@ -24,11 +24,12 @@ _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialR
 library is imported unless its scheme is used)."""
 
 
+_GCS_HINT = "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
 _CREDENTIAL_HINTS = {
     "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (and AWS_ENDPOINT_URL for MinIO "
           "or another S3-compatible store)",
-    "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
-    "gcs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+    "gs": _GCS_HINT,
+    "gcs": _GCS_HINT,
 }
 
 

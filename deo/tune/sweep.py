@@ -42,15 +42,11 @@ def _abs(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def base_config(sweep: SweepConfig, cfg: PretrainConfig | None = None) -> dict[str, Any]:
-    """The trials' common pretraining config (base YAML <- sweep overrides; ``cfg`` when already
-    built) with local paths made absolute on the driver: Tune runs each trial in its own working
-    directory."""
+def base_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """The trials' common pretraining config (base YAML <- sweep overrides) with local paths made
+    absolute on the driver: Tune runs each trial in its own working directory."""
     from deo.train.driver import absolute_paths, ensure_default_data, validate
 
-    if cfg is None:
-        cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
-                           source=sweep.pretrain_config)
     ensure_default_data(cfg)  # the default sweep on a fresh clone: ingest the committed samples once
     validate(cfg)  # fail here, naming the key, rather than in every trial
     return to_dict(absolute_paths(cfg))
@@ -143,13 +139,12 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(sweep, pretrain)),
+        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(pretrain)),
         {"CPU": r.trainable_cpus},
     )
-    tune_path = storage.join(storage_root, sweep.name)
-    if tune.Tuner.can_restore(tune_path):
-        print(f"resuming sweep {tune_path}", flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable, resume_errored=True, restart_errored=False)
+    if tune.Tuner.can_restore(sweep_uri):
+        print(f"resuming sweep {sweep_uri}", flush=True)
+        tuner = tune.Tuner.restore(sweep_uri, trainable, resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
             trainable,

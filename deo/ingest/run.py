@@ -372,10 +372,14 @@ def _crs_name(wkt: str) -> str:
 
 
 def remove_stale(output: str, jobs: list[dict[str, Any]]) -> int:
-    """Delete shard files and job summaries of other plans (a rerun leaves exactly this plan's files)."""
+    """Delete shard files and job summaries of other plans (a rerun leaves exactly this plan's files).
+
+    Only the output folder's own files: datasets ingested into its sub-folders are not this run's.
+    """
     keep = {j["name"] for j in jobs}
     removed = 0
-    for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, PARTS), ".json"):
+    for uri in (storage.list_files(output, ".parquet", recursive=False)
+                + storage.list_files(storage.join(output, PARTS), ".json", recursive=False)):
         name = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         if name.startswith("part-") and name not in keep:
             storage.remove(uri)

@@ -167,7 +167,7 @@ class ShardDataset:
         if names:
             files = [storage.join(uri, n) for n in names]
         else:
-            files = storage.list_files(uri, ".parquet")
+            files = storage.list_files(uri, ".parquet", recursive=False)
         return cls(uri=uri, manifest=manifest, files=files)
 
     @property

@@ -180,12 +180,15 @@ def write_text(uri: str, text: str) -> None:
 
 
 @reports_access_errors
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Files below ``uri`` (recursive) ending in ``suffix``, as URIs of the same form, sorted."""
+def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files below ``uri`` ending in ``suffix``, as URIs of the same form, sorted.
+
+    ``recursive=False`` lists only the folder's own files, not those of its sub-folders.
+    """
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
-    found = fs.find(path)
+    found = fs.find(path, maxdepth=None if recursive else 1)
     remote = is_remote(strip_file_scheme(uri))
     prefix = uri.split("://", 1)[0] + "://" if remote else ""
     return sorted(prefix + p for p in found if p.endswith(suffix))

@@ -110,6 +110,17 @@ def test_rerun_is_idempotent_resumes_and_drops_stale_files(tmp_path, shared_data
     assert len(list(Path(out).glob("*.parquet"))) == -(-4 * len(files) // 4)
 
 
+def test_ingest_into_a_parent_folder_keeps_the_datasets_in_its_sub_folders(tmp_path, shared_data):
+    files = [str(f) for f in sorted((shared_data / "eurosat_ms" / "Pasture").glob("*.tif"))]
+    child = str(tmp_path / "shards" / "pasture")
+    ingest(cfg_for(child, files[:4], s2_band_order="eurosat"), log=lambda _: None)
+    before = ids(child)
+    ingest(cfg_for(str(tmp_path / "shards"), files[4:8], s2_band_order="eurosat"), log=lambda _: None)
+    assert ids(child) == before and ids(str(tmp_path / "shards")) != before
+    assert ShardDataset.open(str(tmp_path / "shards")).files == sorted(
+        str(p) for p in (tmp_path / "shards").glob("*.parquet"))
+
+
 def test_shard_jobs_are_even_and_hold_at_most_rows_per_file():
     # a full 10980 px tile at 256 px: 11 x 11 windows of up to 4 x 4 tiles, the last row and column 2 wide
     full = [min(4, 42 - 4 * wx) * min(4, 42 - 4 * wy) for wy in range(11) for wx in range(11)]

@@ -28,6 +28,15 @@ TINY_ARGS: dict[str, Any] = dict(embed_dim=64, depth=4, num_heads=2)
 TEACHER_DTYPES = ("auto", "fp32", "bf16")
 
 
+def default_layers(depth: int) -> list[int]:
+    """The [mid, final] blocks the public DEO code distils for a ViT of ``depth`` blocks.
+
+    ViT-S/B (12 blocks): [8, 11]; ViT-L (24): [15, 23]; other depths: two thirds of the way, and the last.
+    """
+    mid = {12: 8, 24: 15}.get(depth, 2 * depth // 3)
+    return [mid, depth - 1]
+
+
 class DINOv3Teacher(nn.Module):
     """Frozen ViT: (B, 3, H, W) -> [cls] of the last block and patch tokens of chosen blocks.
 
@@ -40,18 +49,18 @@ class DINOv3Teacher(nn.Module):
 
         Args:
             vit: a timm DINOv3 Eva model.
-            layers: 0-based block indices, increasing (e.g. [8, 11] for ViT-B: [p]_mid then [p]_F).
+            layers: 0-based [mid, final] block indices, final the last block (e.g. [8, 11] for ViT-B);
+                empty: :func:`default_layers` of the model's depth.
             dtype: compute dtype (None: the input's / autocast's).
         """
         super().__init__()
         depth = len(vit.blocks)
-        if (
-            not layers
-            or any(not 0 <= i < depth for i in layers)
-            or sorted(set(layers)) != list(layers)
-        ):
+        layers = list(layers) or default_layers(depth)
+        if len(layers) != 2 or not 0 <= layers[0] < layers[1] or layers[1] != depth - 1:
             raise ValueError(
-                f"teacher.layers must be increasing block indices in [0, {depth}), got {layers}"
+                f"teacher.layers must be [mid, final] 0-based blocks with final the teacher's last block "
+                f"({depth - 1} of its {depth}) and mid below it, e.g. {default_layers(depth)} "
+                f"(empty picks that); got {layers}"
             )
         self.vit = vit
         self.layers = list(layers)

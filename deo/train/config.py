@@ -201,7 +201,10 @@ class TeacherConfig:
         help="vit_deo_tiny_dinov3 (random tiny DINOv3-shaped ViT) or a timm vit_*_patch16_dinov3* name",
     )
     weights: str = option("", help="DINOv3 weights: path or s3:// URI (safetensors, timm or Meta .pth); empty: random init with a warning")
-    layers: list[int] = option([2, 3], help="0-based blocks for [p]_mid and [p]_F (ViT-B/16: [8, 11])")
+    layers: list[int] = option(
+        [], help="0-based [mid, final] blocks for [p]_mid and [p]_F, final the last block; empty: the public "
+        "DEO code's choice for the teacher's depth (ViT-S/B: [8, 11], ViT-L: [15, 23])",
+    )
     dtype: str = option("auto", help="teacher compute dtype: auto (bf16 on GPU), fp32, bf16")
 
 

@@ -191,10 +191,6 @@ class DEOTask(nn.Module):
             check_finite: raise on a non-finite loss every step (one host sync per step).
         """
         super().__init__()
-        if len(cfg.teacher.layers) != 2:
-            raise ValueError(
-                f"teacher.layers must be [mid, final] block indices, got {cfg.teacher.layers}"
-            )
         loss = cfg.loss
         self.cfg = cfg
         device = torch.device(device)

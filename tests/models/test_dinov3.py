@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deo.models.dinov3 import build_dinov3_vit, build_teacher
+from deo.models.dinov3 import build_dinov3_vit, build_teacher, default_layers
 from deo.train.config import TeacherConfig
 
 
@@ -67,8 +67,19 @@ def test_teacher_errors(tmp_path):
         build_teacher(TeacherConfig(weights=str(path)))
     with pytest.raises(ValueError, match="teacher.layers"):
         build_teacher(TeacherConfig(layers=[3, 7]))
+    with pytest.raises(ValueError, match=r"final the teacher's last block \(3 of its 4\).*got \[1, 2\]"):
+        build_teacher(TeacherConfig(layers=[1, 2]))  # DESIGN: [cls] and p_F come from the last block
+    with pytest.raises(ValueError, match="teacher.layers"):
+        build_teacher(TeacherConfig(layers=[3]))
     with pytest.raises(ValueError, match="teacher.name"):
         build_teacher(TeacherConfig(name="vit_base_patch16_224"))
+
+
+def test_empty_layers_pick_the_public_codes_blocks_for_the_depth():
+    assert default_layers(12) == [8, 11] and default_layers(24) == [15, 23] and default_layers(4) == [2, 3]
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        assert build_teacher(TeacherConfig()).layers == [2, 3]
+        assert build_teacher(TeacherConfig(name="vit_base_patch16_dinov3")).layers == [8, 11]
 
 
 def test_random_teacher_warns_and_is_frozen():

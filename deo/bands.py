@@ -50,6 +50,9 @@ S2_10M_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 S2_TRUE_COLOUR: tuple[str, ...] = ("B04", "B03", "B02")
 """Sentinel-2 bands forming an RGB true-colour image."""
 
+S2_TRUE_COLOUR_MAX: int = 3000
+"""Reflectance x 10000 mapped to 255 in the S2 true colour (0.3 reflectance; ingest's ``s2_optical_max``)."""
+
 RGB_BANDS: tuple[str, ...] = ("R", "G", "B")
 """The optical branch input."""
 

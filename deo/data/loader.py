@@ -22,15 +22,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from deo.bands import S2_TRUE_COLOUR_MAX
 from deo.data.sampling import Stream
 from deo.io import storage
 from deo.io.shards import tensor_column_to_numpy
 
 COLUMNS = ("sample_id", "ms", "optical", "ms_gsd", "optical_gsd")
-
-
-S2_TRUE_COLOUR_MAX = 3000
-"""Reflectance x 10000 mapped to 255 in the S2 true colour (ingest's ``s2_optical_max`` default)."""
 
 
 def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch.Tensor,

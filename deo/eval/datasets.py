@@ -25,14 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deo.bands import DEO_BANDS, band_from_filename, indices_of, parse_band_order
+from deo.bands import (
+    DEO_BANDS,
+    S2_TRUE_COLOUR_MAX,
+    band_from_filename,
+    indices_of,
+    parse_band_order,
+)
 from deo.io import storage
 from deo.io.raster import open_raster
 
 RASTER_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".jp2")
 MODALITIES: tuple[str, ...] = ("auto", "ms", "optical")
-TRUE_COLOUR_MAX = 3000.0
-"""Reflectance x 10000 mapped to 255 when an S2 tile is shown or fed as RGB (0.3 reflectance)."""
 
 
 @dataclass
@@ -254,4 +258,4 @@ def s2_true_colour(ms: torch.Tensor) -> torch.Tensor:
         (N, 3, H, W) float32 in [0, 255] (whole numbers).
     """
     rgb = ms[:, [DEO_BANDS.index(b) for b in ("B04", "B03", "B02")]]
-    return (rgb.float() * (255.0 / TRUE_COLOUR_MAX)).clamp(0, 255).round()
+    return (rgb.float() * (255.0 / S2_TRUE_COLOUR_MAX)).clamp(0, 255).round()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deo.bands import parse_band_order
+from deo.bands import S2_TRUE_COLOUR_MAX, parse_band_order
 from deo.config import nested, option
 
 S2_SAMPLES = "data/samples/s2"
@@ -57,7 +57,7 @@ class IngestConfig:
         "(1000 for baseline 04.00+ data without MTD XML or product name)",
     )
     s2_optical: bool = option(True, help="write the S2 true colour (B04 B03 B02) as optical when no aerial covers a tile")
-    s2_optical_max: int = option(3000, help="reflectance x 10000 mapped to 255 in the S2 true colour (linear, clipped)")
+    s2_optical_max: int = option(S2_TRUE_COLOUR_MAX, help="reflectance x 10000 mapped to 255 in the S2 true colour (linear, clipped)")
     output: str = option("runs/shards/samples", help="output folder or URI for Parquet shards and manifest.json")
     tile: TileConfig = nested(TileConfig)
     optical_gsd: float = option(0.5, help="metres per pixel of aerial tiles without MS (see module docstring)")

@@ -17,6 +17,10 @@ the pair, finite, not the files' declared nodata); otherwise the row's ``sar`` i
 
 S2 true colour (``s2_optical``): ``uint8 = clip(round(ms[B04, B03, B02] * 255 / s2_optical_max), 0,
 255)``, a linear stretch of reflectance 0..``s2_optical_max``/10000 with no gamma.
+
+Statistics describe what training reads: the rows with an MS tile. The optical ones count each such
+row's optical tile, or, where it has none, the S2 true colour training fills in (on the MS tile's
+valid pixels, at its size); aerial-only rows are not counted.
 """
 
 from __future__ import annotations
@@ -175,6 +179,8 @@ class TileMaker:
                 ms_stats.update(tile, tvalid)
                 if optical is not None:
                     opt_stats.update(optical)
+                else:  # training fills in the S2 true colour
+                    opt_stats.update(self._true_colour(tile), tvalid)
                 if sar is not None:
                     sar_stats.update(sar)
                 lon, lat = _centre_lonlat(crs, bounds)
@@ -243,11 +249,15 @@ class TileMaker:
                     return rgb, a["uri"]
         if not self.cfg.s2_optical:
             return None, None
-        tc = tile[TRUE_COLOUR_IDX].astype(np.float32) * (255.0 / self.cfg.s2_optical_max)
-        rgb = np.clip(np.rint(tc), 0, 255).astype(np.uint8)
+        rgb = self._true_colour(tile)
         if opx != tile.shape[-1]:
             rgb = _resize(rgb, ttrans, crs, opx)
         return rgb, scene_uri
+
+    def _true_colour(self, tile: np.ndarray) -> np.ndarray:
+        """(3, S, S) uint8 S2 true colour of a (10, S, S) MS tile."""
+        tc = tile[TRUE_COLOUR_IDX].astype(np.float32) * (255.0 / self.cfg.s2_optical_max)
+        return np.clip(np.rint(tc), 0, 255).astype(np.uint8)
 
     def aerial_crop(self, pair: dict[str, Any], crs: CRS, bounds: tuple[float, ...], size: int
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -297,7 +307,6 @@ class TileMaker:
                 ttrans = transform @ Affine.translation(col, row)
                 bounds = (ttrans.c, ttrans.f + px * ttrans.e, ttrans.c + px * ttrans.a, ttrans.f)
                 tile = np.ascontiguousarray(rgb[:, sl[0], sl[1]])
-                self.optical_stats.update(tile)
                 lon, lat = _centre_lonlat(crs, bounds)
                 rows.append({
                     "sample_id": sample_id(plan["uri"], col, row, px, "aerial"),

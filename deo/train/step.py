@@ -127,7 +127,7 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.mark("h2d")
-        optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"])
+        optical = fill_true_colour(batch["ms"], batch["optical"], batch["has_optical"], self.augment.true_colour_max)
         micro = len(ids) // accum
         sums: dict[str, torch.Tensor] = {}
         task.train()
@@ -178,7 +178,7 @@ class TrainStep:
         the task's loss terms (with graph)."""
         tiles = {k.removeprefix("tile."): v for k, v in inputs.items() if k.startswith("tile.")}
         params = {k.removeprefix("aug."): v for k, v in inputs.items() if k.startswith("aug.")}
-        optical = fill_true_colour(tiles["ms"], tiles["optical"], tiles["has_optical"])
+        optical = fill_true_colour(tiles["ms"], tiles["optical"], tiles["has_optical"], self.augment.true_colour_max)
         views = self.augment.apply(tiles["ms"], optical, params, tiles["ms_gsd"], sar=tiles.get("sar"))
         self.task.train()
         # no autocast weight cache: casts made during capture must not outlive it (PyTorch's CUDA-graph notes)

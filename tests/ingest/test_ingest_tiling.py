@@ -202,11 +202,42 @@ def test_manifest_stats_and_counts_match_the_shards(tmp_path, shared_data):
     valid = (ms > 0).all(0)
     np.testing.assert_allclose(m["stats"]["ms"]["mean"], ms[:, valid].mean(1), rtol=1e-9)
     np.testing.assert_allclose(m["stats"]["ms"]["std"], ms[:, valid].std(1), rtol=1e-6)
-    opt = r["optical"][r["has_optical"]].transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    # optical stats: what training reads, the optical tiles of the rows with ms (not the aerial-only row)
+    trained = r["has_ms"] & r["has_optical"]
+    assert trained.sum() == 4 and (r["has_optical"] & ~r["has_ms"]).sum() == 1
+    opt = r["optical"][trained].transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
     np.testing.assert_allclose(m["stats"]["optical"]["mean"], opt.mean(1), rtol=1e-9)
+    np.testing.assert_allclose(m["stats"]["optical"]["std"], opt.std(1), rtol=1e-6)
     assert m["schema_version"] == 1 and m["bands"]["ms"] == list(DEO_BANDS)
     assert m["config"]["s2_band_order"] == ["eurosat"] and len(m["config_hash"]) == 16
     assert {s["status"] for s in m["sources"]} == {"ok"}
     schema = pq.read_schema(ds.files[0])
     assert schema.metadata[b"deo.ms_bands"].decode() == ",".join(DEO_BANDS)
     assert str(schema.field("ms").type) == "extension<arrow.fixed_shape_tensor[value_type=uint16, shape=[10,64,64]]>"
+
+
+def test_without_optical_tiles_the_stats_count_the_true_colour_training_fills_in(tmp_path, shared_data):
+    """s2_optical=false and no aerial: the optical stats describe the S2 true colour the loader fills in
+    (they were null, and MultiCrop then failed with a TypeError); s2_optical_max reaches the fill."""
+    import torch
+
+    from deo.data.loader import fill_true_colour
+    from deo.data.multicrop import MultiCrop
+    from deo.train.config import ViewConfig
+
+    files = sorted((shared_data / "eurosat_ms" / "River").glob("*.tif"))[:3]
+    _, ds = run(tmp_path, [str(f) for f in files], s2_band_order="eurosat", s2_optical="false",
+                s2_optical_max=2500)
+    r = rows(ds)
+    assert not r["has_optical"].any()
+    ms = torch.from_numpy(r["ms"].astype(np.int32))
+    filled = fill_true_colour(ms, torch.zeros(len(ms), 3, 64, 64, dtype=torch.uint8),
+                              torch.zeros(len(ms), dtype=torch.bool), max_value=2500).numpy()
+    valid = (r["ms"] > 0).all(1)
+    want = np.stack([filled[:, c][valid] for c in range(3)]).astype(np.float64)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    np.testing.assert_allclose(m["stats"]["optical"]["mean"], want.mean(1), rtol=1e-9)
+    np.testing.assert_allclose(m["stats"]["optical"]["std"], want.std(1), rtol=1e-6)
+    assert MultiCrop(ViewConfig(), m["stats"], true_colour_max=m["config"]["s2_optical_max"]).true_colour_max == 2500
+    with pytest.raises(ValueError, match="stats.optical has no values.*re-ingest"):
+        MultiCrop(ViewConfig(), {**m["stats"], "optical": {"mean": [None] * 3, "std": [None] * 3}})

@@ -196,6 +196,22 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
+def _bare_values_as_lists(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``data`` with a bare value under a list-typed key made a one-item list, as on the command line
+    (``s2_band_order: eurosat`` is ``[eurosat]``)."""
+    keys = flat_keys(cls)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if isinstance(v, dict) and key not in keys:
+            out[k] = _bare_values_as_lists(cls, v, key + ".")
+        elif key in keys and _is_list_type(keys[key][0]) and v is not None and not isinstance(v, list):
+            out[k] = [v]
+        else:
+            out[k] = v
+    return out
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (local path or URI) into a dict."""
     from deo.io.storage import read_text
@@ -230,7 +246,7 @@ def build_config(
     layers = []
     if yaml_data:
         _check_keys(cls, yaml_data, source)
-        layers.append(OmegaConf.create(yaml_data))
+        layers.append(OmegaConf.create(_bare_values_as_lists(cls, yaml_data)))
     cli = _parse_overrides(cls, overrides)
     if cli:
         _check_keys(cls, cli, "command line")

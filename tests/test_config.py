@@ -110,3 +110,33 @@ def test_band_order_errors_name_the_key_and_the_presets():
     with pytest.raises(ConfigError, match=r"s2_band_order \['B02', 'BXX'\]: unknown Sentinel-2 band 'BXX'"):
         build_config(IngestConfig, overrides=["s2_band_order=[B02,BXX]"])
     assert build_config(IngestConfig, overrides=["s2_band_order=[EuroSAT]"]).s2_band_order == ["EuroSAT"]
+
+
+@pytest.mark.parametrize("cls_path,key", [("deo.ingest.config:IngestConfig", "s2_band_order"),
+                                          ("deo.eval.config:EvalConfig", "s2_band_order"),
+                                          ("deo.train.config:PretrainConfig", "probe.s2_band_order")])
+def test_every_band_order_key_takes_a_preset_a_list_or_a_comma_string(cls_path, key):
+    """DESIGN: s2_band_order is a list, a comma string or a preset name in every pipeline, on the command
+    line and in YAML (evaluate's and the probe's were strings: a list failed late, or in YAML at once)."""
+    import importlib
+
+    from deo.bands import S2_BAND_ORDER_PRESETS, parse_band_order
+
+    module, name = cls_path.split(":")
+    cls = importlib.import_module(module).__dict__[name]
+
+    def order(cfg):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return parse_band_order(value)
+
+    thirteen = list(S2_BAND_ORDER_PRESETS["s2_13"])
+    section, _, leaf = key.rpartition(".")
+    nest = (lambda v: {section: {leaf: v}}) if section else (lambda v: {leaf: v})
+    for cli in (f"{key}=s2_13", f"{key}=[{','.join(thirteen)}]", f"{key}={','.join(thirteen)}"):
+        assert order(build_config(cls, overrides=[cli])) == tuple(thirteen)
+    for value in ("s2_13", thirteen, ",".join(thirteen)):
+        assert order(build_config(cls, nest(value))) == tuple(thirteen)
+    with pytest.raises(ConfigError, match="unknown Sentinel-2 band 'BXX'"):
+        build_config(cls, overrides=[f"{key}=[B02,BXX]"])

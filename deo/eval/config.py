@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deo.bands import parse_band_order
 from deo.config import option
 
 BASELINES: tuple[str, ...] = ("random", "pixels", "teacher")
@@ -18,7 +19,10 @@ class EvalConfig:
     dataset: str = option("", help="labelled set split into train/test (seeded, stratified): class folders or .csv/.parquet list")
     train_set: str = option("", help="labelled training set (with test_set, instead of dataset)")
     test_set: str = option("", help="labelled test set (with train_set)")
-    s2_band_order: str = option("eurosat", help="band order of stacked S2 files: preset name or comma list B01,...")
+    s2_band_order: list[str] = option(
+        ["eurosat"], help="band order of stacked S2 files: a preset (eurosat, s2_13, s2_l2a_12, deo), a list "
+        "[B01,...,B8A] or a comma string B01,...,B8A",
+    )
     out: str = option("", help="output folder (empty: <run folder>/eval)")
     baselines: list[str] = option([], help="extra rows: random (random-init student), pixels (per-band mean/std), teacher (optical teacher)")
     branches: list[str] = option([], help="inputs to probe: ms, optical (empty: ms and optical (S2 true colour) on MS sets, optical on RGB sets)")
@@ -38,6 +42,7 @@ class EvalConfig:
     quiet: bool = option(False, help="no progress lines")
 
     def __post_init__(self) -> None:
+        parse_band_order(self.s2_band_order)  # raises ValueError naming an unknown preset or band
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"baselines must be among {BASELINES}, got {bad}")

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ class KnnProbe:
         self,
         dataset: str,
         stats: dict[str, dict[str, list[float]]],
-        s2_band_order: str = "eurosat",
+        s2_band_order: str | Sequence[str] = "eurosat",
         max_samples: int = 512,
         modality: str = "ms",
         test_fraction: float = 0.2,

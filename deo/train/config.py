@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deo.bands import parse_band_order
 from deo.config import nested, option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -262,8 +263,14 @@ class ProbeConfig:
 
     every: int = option(0, help="run the kNN probe every N steps (0: off)")
     dataset: str = option("", help="labelled folder of class subfolders (EuroSAT layout) or a Parquet/CSV list")
-    s2_band_order: str = option("eurosat", help="band order of the probe set's stacked files")
+    s2_band_order: list[str] = option(
+        ["eurosat"], help="band order of the probe set's stacked files: a preset, a list [B01,...,B8A] or a "
+        "comma string",
+    )
     max_samples: int = option(512, help="cap on probe samples")
+
+    def __post_init__(self) -> None:
+        parse_band_order(self.s2_band_order)  # raises ValueError naming an unknown preset or band
 
 
 @dataclass

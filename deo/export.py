@@ -9,7 +9,7 @@ metadata (string -> string, values JSON-encoded) carries what a user needs to fe
 | ``architecture`` | the ``model`` section of the training config (``student`` name ...) |
 | ``img_size`` | global crop size the windows were built for |
 | ``bands`` | ``{"ms": [10 S2 bands], "optical": ["R","G","B"], "sar": ["VV","VH"]?}`` in channel order |
-| ``gsd`` | metres per pixel per input |
+| ``gsd`` / ``gsd_range`` | metres per pixel per input of the training tiles: median, and [min, max] |
 | ``stats`` | ``{"ms": {"mean": [...], "std": [...]}, ...}`` normalisation in stored units |
 | ``config`` | the whole resolved training config |
 | ``step`` / ``weights_sha256`` / ``source`` | provenance |
@@ -34,7 +34,7 @@ from deo.io import storage
 
 FORMAT = "deo-backbone"
 FORMAT_VERSION = "1"
-_JSON_KEYS = ("architecture", "img_size", "bands", "gsd", "stats", "config", "step")
+_JSON_KEYS = ("architecture", "img_size", "bands", "gsd", "gsd_range", "stats", "config", "step")
 
 
 def _json_default(o: Any) -> Any:
@@ -51,6 +51,7 @@ def export_backbone(
     out: str,
     step: int | None = None,
     gsd: dict[str, float] | None = None,
+    gsd_range: dict[str, list[float]] | None = None,
     source: str = "",
 ) -> dict[str, str]:
     """Write ``student`` as safetensors with the metadata of the table above.
@@ -62,7 +63,9 @@ def export_backbone(
         bands: the ``ms`` band sequence or ``{modality: bands}``.
         out: destination path or URI.
         step: optimizer steps done.
-        gsd: metres per pixel per modality (default ``{"ms": 10.0}``).
+        gsd: median metres per pixel of the training tiles per modality
+            (:func:`deo.io.shards.manifest_gsd`; default ``{"ms": 10.0}``).
+        gsd_range: their [min, max] per modality (default: none recorded).
         source: where the weights came from (recorded as provenance).
 
     Returns:
@@ -80,6 +83,7 @@ def export_backbone(
         "img_size": int(cfg_dict.get("views", {}).get("global_size", 224)),
         "bands": bands_by_modality(bands, tuple(student.modalities)),
         "gsd": gsd or DEFAULT_GSD,
+        "gsd_range": gsd_range or {},
         "stats": stats,
         "config": cfg_dict,
         "step": step,
@@ -114,7 +118,7 @@ def export_checkpoint(checkpoint: str, out: str = "") -> tuple[str, dict[str, st
         out = storage.join(meta["checkpoint"].rsplit("/", 1)[0], "backbone.safetensors")
     header = export_backbone(
         student, cfg, meta["stats"], meta["bands"], out, step=meta["step"], gsd=meta["gsd"],
-        source=meta["checkpoint"],
+        gsd_range=meta["gsd_range"], source=meta["checkpoint"],
     )
     return out, header
 
@@ -129,7 +133,7 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and decoded metadata of an exported backbone.
 
     Returns:
-        (state dict, meta) with meta holding ``config``, ``step``, ``stats``, ``bands``, ``gsd``,
+        (state dict, meta) with meta holding ``config``, ``step``, ``stats``, ``bands``, ``gsd``, ``gsd_range``,
         ``img_size``, ``weights_sha256`` (recomputed), ``checkpoint`` (= uri) and ``deo_version``.
 
     Raises:
@@ -150,7 +154,8 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ValueError(
             f"{uri} has export format_version {header.get('format_version')!r}; this deo reads {FORMAT_VERSION!r}"
         )
-    meta: dict[str, Any] = {k: json.loads(header[k]) for k in _JSON_KEYS}
+    meta: dict[str, Any] = {k: json.loads(header[k]) for k in _JSON_KEYS if k in header}
+    meta.setdefault("gsd_range", {})  # exports before it was recorded
     state = dict(load(data))
     meta.update(checkpoint=uri, deo_version=header.get("deo_version"), weights_sha256=weights_sha256(state))
     return state, meta
@@ -169,7 +174,8 @@ class Backbone(nn.Module):
         student: the ``DEOStudent``.
         bands: channel names per modality, in order.
         stats: normalisation mean/std per modality in stored units.
-        gsd: metres per pixel per modality.
+        gsd: median metres per pixel of the training tiles per modality.
+        gsd_range: their [min, max] per modality (empty in exports that predate it).
         config: the training config.
     """
 
@@ -180,6 +186,7 @@ class Backbone(nn.Module):
         self.bands: dict[str, list[str]] = {m: list(b) for m, b in meta["bands"].items()}
         self.stats: dict[str, dict[str, list[float]]] = meta["stats"]
         self.gsd: dict[str, float] = meta["gsd"]
+        self.gsd_range: dict[str, list[float]] = meta.get("gsd_range", {})
         self.config = config
         self.step: int | None = meta.get("step")
         self.weights_sha256: str = meta["weights_sha256"]

@@ -122,3 +122,30 @@ def test_import_deo_stays_light():
     code = "import sys, deo; print('torch' in sys.modules); print(callable(deo.load_backbone))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_gsd_of_the_training_tiles_is_recorded_from_the_manifest(tmp_path):
+    """The export's GSD describes the tiles trained on (it was a constant {"ms": 10.0}): the median by
+    tile count and [min, max] of the ok S2 sources, the optical at the same extent in optical_px."""
+    from deo.io.shards import manifest_gsd
+
+    manifest = {"tile": {"ms_px": 64, "optical_px": 128}, "sources": [
+        {"kind": "s2_stacked", "status": "ok", "gsd": 10.0, "tiles": 40},
+        {"kind": "s2_bands", "status": "ok", "gsd": 100.0, "tiles": 30},
+        {"kind": "s2_bands", "status": "ok", "gsd": 900.0, "tiles": 20},
+        {"kind": "s2_bands", "status": "failed", "gsd": 5.0, "tiles": 0},
+        {"kind": "aerial", "status": "ok", "gsd": 0.5, "tiles": 99},  # aerial-only rows are not trained
+    ]}
+    gsd, gsd_range = manifest_gsd(manifest)
+    assert gsd == {"ms": 100.0, "optical": 50.0}  # 45 of 90 tiles at <= 10 m: the 46th is at 100 m
+    assert gsd_range == {"ms": [10.0, 900.0], "optical": [5.0, 450.0]}
+    assert manifest_gsd({"sources": []}) == ({}, {})
+
+    # a checkpoint without gsd (older runs) takes it from the run's manifest copy, and the export keeps it
+    run = str(tmp_path / "run")
+    write_run(run, steps=(5,))
+    storage.write_text(storage.join(run, "manifest.json"), json.dumps(manifest))
+    out, header = export_checkpoint(run)
+    assert json.loads(header["gsd"]) == gsd and json.loads(header["gsd_range"]) == gsd_range
+    net = load_backbone(out)
+    assert net.gsd == gsd and net.gsd_range == gsd_range

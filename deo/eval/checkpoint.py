@@ -10,10 +10,12 @@ Checkpoint layout read here (written by the training loop, see :mod:`deo.train.c
             step      optimizer steps done (int)                                         required
             stats     {"ms": {"mean": [10], "std": [10]}, "optical": {...}} stored units  optional*
             bands     {"ms": [...], "optical": [...]}                                     optional
-            gsd       {"ms": metres, "optical": metres}                                   optional
+            gsd       {"ms": metres, "optical": metres} median of the training tiles      optional*
+            gsd_range {"ms": [min, max], "optical": [min, max]}                           optional*
             optical_teacher  state dict of a randomly initialised teacher                optional
 
-    * without ``stats`` in the state, ``manifest.json`` of the run folder must hold them.
+    * without ``stats`` in the state, ``manifest.json`` of the run folder must hold them; ``gsd`` and
+      ``gsd_range`` also come from it when the state has none (checkpoints before they were recorded).
 
 The latest checkpoint of a run folder is the ``checkpoint_<digits>`` folder with the highest number.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from deo.io import storage
+from deo.io.shards import manifest_gsd
 from deo.train.checkpoint import STATE_FILE, latest_checkpoint, load_state
 
 DEFAULT_GSD: dict[str, float] = {"ms": 10.0}
@@ -117,7 +120,8 @@ def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], 
     if missing:
         raise ValueError(f"{ckpt}/{STATE_FILE} lacks {missing}; it holds {sorted(state)}")
     cfg = state["config"]
-    stats = state.get("stats") or _run_manifest(ckpt).get("stats")
+    manifest = _run_manifest(ckpt)
+    stats = state.get("stats") or manifest.get("stats")
     if not stats or "ms" not in stats:
         raise ValueError(
             f"{ckpt} has no normalisation stats: expected 'stats' in {STATE_FILE} or in the run's "
@@ -130,7 +134,8 @@ def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], 
         "step": int(state["step"]),
         "stats": stats,
         "bands": bands_by_modality(state.get("bands"), student.modalities),
-        "gsd": state.get("gsd") or DEFAULT_GSD,
+        "gsd": state.get("gsd") or manifest_gsd(manifest)[0] or DEFAULT_GSD,
+        "gsd_range": state.get("gsd_range") or manifest_gsd(manifest)[1],
         "weights_sha256": weights_sha256(state["student"]),
         "optical_teacher": state.get("optical_teacher"),
     }

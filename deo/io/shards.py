@@ -136,6 +136,27 @@ def write_table(uri: str, table: pa.Table) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
+def manifest_gsd(manifest: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metres per pixel of the tiles training reads (rows with ``ms``), from a manifest's sources.
+
+    Returns:
+        ``({modality: median}, {modality: [min, max]})`` over the MS tiles (the median weighted by tile
+        count) for ``ms`` and their optical tiles (the same extent at ``tile.optical_px``) for
+        ``optical``; both empty when the manifest records no S2 GSD.
+    """
+    tiles = sorted((float(s["gsd"]), int(s.get("tiles") or 0)) for s in manifest.get("sources", [])
+                   if s.get("kind", "").startswith("s2") and s.get("status") == "ok" and s.get("gsd")
+                   and s.get("tiles"))
+    if not tiles:
+        return {}, {}
+    half, seen = sum(n for _, n in tiles) / 2, 0
+    median = next(g for g, n in tiles if (seen := seen + n) >= half)
+    size = manifest.get("tile", {})
+    ratio = size.get("ms_px", 1) / size.get("optical_px", size.get("ms_px", 1))
+    gsd = {"ms": median, "optical": median * ratio}
+    return gsd, {"ms": [tiles[0][0], tiles[-1][0]], "optical": [tiles[0][0] * ratio, tiles[-1][0] * ratio]}
+
+
 @dataclass
 class ShardDataset:
     """An ingested shard folder: its manifest and Parquet files (local path or URI)."""

@@ -23,7 +23,7 @@ from deo.config import config_changes, to_dict, to_yaml
 from deo.data.loader import ShardIndex, ShardLoader
 from deo.data.sampling import DataPosition, batches_left, lane_streams
 from deo.io import storage
-from deo.io.shards import ShardDataset
+from deo.io.shards import ShardDataset, manifest_gsd
 from deo.train import checkpoint as ckpt
 from deo.train import parallel
 from deo.train.compile_cache import CompileCache
@@ -143,6 +143,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
 
     shards = ShardDataset.open(cfg.data)
     stats = shards.stats
+    gsd = manifest_gsd(shards.manifest)  # (median, [min, max]) per modality, recorded with the weights
     index = ShardIndex.build(cfg.data, shards.files, with_sar=cfg.model.sar)
 
     # Identical init on every rank (DDP also broadcasts; FSDP shards each rank's identical copy).
@@ -269,7 +270,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                 if sums:  # steps since the last logging step: never checkpoint non-finite weights
                     _window_means(sums, window_steps, step)
                 state_out = _checkpoint_state(task, optimizer, train_step.scaler, step, position, cfg, stats,
-                                              shards.manifest["bands"])
+                                              shards.manifest["bands"], gsd)
                 if log is not None:
                     log.flush()
                 runtime.save(state_out, {"step": step, "epoch": position.epoch, **last, **probe_metrics},
@@ -287,7 +288,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
 
             summary.backbone = storage.join(run_uri, "backbone.safetensors")
             export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step,
-                            source=storage.join(run_uri, ckpt.checkpoint_name(step)))
+                            gsd=gsd[0], gsd_range=gsd[1], source=storage.join(run_uri, ckpt.checkpoint_name(step)))
         if log is not None:
             log.close()
         storage.write_text(storage.join(run_uri, "summary.json"),
@@ -332,7 +333,7 @@ def _check_weights_finite(task: Any, step: int) -> None:
 
 def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                       step: int, position: DataPosition, cfg: PretrainConfig, stats: dict,
-                      bands: Any) -> dict[str, Any] | None:
+                      bands: Any, gsd: tuple[dict, dict]) -> dict[str, Any] | None:
     """The checkpoint of this step on rank 0 (None elsewhere); every rank must call it (FSDP gathers).
 
     Raises:
@@ -357,6 +358,8 @@ def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch
         "config": to_dict(cfg),
         "stats": stats,
         "bands": bands,
+        "gsd": gsd[0],
+        "gsd_range": gsd[1],
     }
     if not cfg.teacher.weights and task.teacher is not None:
         state["optical_teacher"] = task.teacher.state_dict()

@@ -64,6 +64,12 @@ def test_run_folder_contract(sample_shards, tmp_path):
 
     header = read_header((folder / "backbone.safetensors").read_bytes())
     assert header["source"] == str(folder / "checkpoint_00000003") and header["step"] == "3"
+    from deo.io.shards import manifest_gsd
+
+    gsd, gsd_range = manifest_gsd(json.loads((sample_shards / "manifest.json").read_text()))
+    assert json.loads(header["gsd"]) == gsd and json.loads(header["gsd_range"]) == gsd_range and gsd["ms"] > 0
+    state = torch.load(folder / "checkpoint_00000003" / "state.pt", weights_only=True)
+    assert state["gsd"] == gsd and state["gsd_range"] == gsd_range
 
 
 def test_stop_and_rerun_resumes_exactly(sample_shards, tmp_path):

@@ -12,14 +12,16 @@ A checkpoint folder holds one file, ``state.pt`` (``torch.save`` of plain tensor
 | ``optimizer``, ``scaler`` | optimizer and grad-scaler states |
 | ``step`` | optimizer steps done |
 | ``data_position`` | :class:`deo.data.sampling.DataPosition` as a dict |
-| ``rng`` | torch / numpy / python RNG states of rank 0 |
+| ``rng`` / ``rng_per_rank`` | torch (CPU and the rank's CUDA device) / numpy / python RNG states of rank 0 / of every rank |
 | ``config`` | the resolved config (dict) |
 | ``stats`` | the shard manifest's normalisation stats |
 | ``bands`` | band names per modality |
+| ``gsd`` / ``gsd_range`` | metres per pixel of the training tiles (:func:`deo.io.shards.manifest_gsd`) |
 """
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deo import dist
 from deo.io import storage
 
 STATE_FILE = "state.pt"
@@ -39,11 +42,18 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The torch seed of one worker after model init: each rank draws its own stochastic-depth masks."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
 def rng_state() -> dict[str, Any]:
-    """RNG states to restore for an exact resume."""
+    """RNG states to restore for an exact resume (this process's; the CUDA one of its current device)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        # on a GPU, dropout and stochastic-depth masks come from the CUDA generator
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1])), *np_state[2:]],
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
@@ -54,9 +64,35 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, indexed by rank (a collective: every rank calls it)."""
+    # as bytes: all_gather_object cannot unpickle tensor storages (torch 2.14)
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_object(buf.getvalue())]
+
+
+def restore_rng(state: dict[str, Any], seed: int, step: int) -> None:
+    """Restore this rank's RNG states from a checkpoint ``state``.
+
+    Each rank gets its own saved states back when the world size is the one that saved them; otherwise
+    (or from checkpoints that kept rank 0's only) rank 0's states, reseeded per rank from (seed, rank,
+    step): a resume then continues on distinct streams, not the exact ones.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+        return
+    set_rng_state(state["rng"])
+    torch.manual_seed(rank_seed(seed, rank, step))
 
 
 def save_state(state: dict[str, Any], folder: str) -> str:
@@ -72,8 +108,6 @@ def load_state(folder_or_file: str) -> dict[str, Any]:
     uri = folder_or_file if folder_or_file.endswith(".pt") else storage.join(folder_or_file, STATE_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no checkpoint state at {uri}")
-    import io
-
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 

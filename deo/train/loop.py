@@ -151,6 +151,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     # finiteness is checked on the window's summed terms at logging and checkpoint steps, not per step:
     # a per-step check is a host sync (2 % of an H100 step, bench/RESULTS.md)
     task = DEOTask(cfg, device=device, check_finite=False)
+    torch.manual_seed(ckpt.rank_seed(cfg.train.seed, dist.get_rank()))  # then each rank its own masks
     configure_models(task.trainable.student, cfg, ema_student=task.ema.module.student,
                      teacher=task.teacher)
     compiled = CompileCache.for_run(cfg.train.compile_cache, run_uri, device) if cfg.train.compile else None
@@ -180,7 +181,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
         train_step.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         position = DataPosition.from_dict(state["data_position"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state, cfg.train.seed, step)
     start_step = step
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
@@ -344,6 +345,7 @@ def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch
     trainable = parallel.full_state_dict(task.trainable)
     ema = parallel.full_state_dict(task.ema)
     optim = parallel.full_optimizer_state(task.trainable, optimizer)
+    rngs = ckpt.all_rng_states()
     if not dist.is_main_process():
         return None
     state = {
@@ -354,7 +356,8 @@ def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch
         "scaler": scaler.state_dict(),
         "step": step,
         "data_position": position.to_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rngs[0],
+        "rng_per_rank": rngs,
         "config": to_dict(cfg),
         "stats": stats,
         "bands": bands,

@@ -205,3 +205,31 @@ def test_cuda_graph_mode_marks_the_beginning_of_every_step(sample_shards, tmp_pa
     marks.clear()
     run(tiny_cfg(sample_shards, tmp_path, "plain", "train.max_steps=2", "train.compile=true"), tmp_path)
     assert not marks  # the default mode records no graphs
+
+
+def test_each_rank_gets_its_own_rng_back_and_other_world_sizes_reseed(monkeypatch):
+    """Stochastic depth draws from the global torch RNG: ranks must not share one stream (they did: every
+    rank seeded the same and resumed rank 0's state), and a resume at the same world size is exact."""
+    from deo import dist
+    from deo.train import checkpoint as ckpt
+
+    states = []
+    for rank in (0, 1):
+        torch.manual_seed(ckpt.rank_seed(0, rank))
+        states.append(ckpt.rng_state())
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    saved = {"rng": states[0], "rng_per_rank": states}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        torch.manual_seed(123)
+        ckpt.restore_rng(saved, seed=0, step=7)
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    # 3 workers resuming a 2-worker run (or a checkpoint with rank 0's state only): distinct, reseeded
+    drawn = []
+    for rank in (0, 1, 2):
+        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+        ckpt.restore_rng(saved, seed=0, step=7)
+        drawn.append(torch.rand(4))
+    assert len({tuple(d.tolist()) for d in drawn}) == 3

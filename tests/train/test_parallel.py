@@ -79,6 +79,9 @@ def test_fsdp_matches_ddp_and_each_resumes_the_other(sample_shards, tmp_path):
     assert set(b["optimizer"]["state"]) == set(a["optimizer"]["state"]) == set(a["trainable"])
     for name, moments in a["optimizer"]["state"].items():
         _assert_close(moments, b["optimizer"]["state"][name], f"optimizer {name}")
+    # each rank's RNG states are kept, and the ranks draw from different streams (stochastic depth)
+    assert len(a["rng_per_rank"]) == 2 and a["rng"] is not None
+    assert not torch.equal(a["rng_per_rank"][0]["torch"], a["rng_per_rank"][1]["torch"])
     ema_shape = {k: v.shape for k, v in b["ema"].items()}
     whole = a["trainable"]["student.embeds.ms.proj.weight"].shape
     assert ema_shape["module.student.embeds.ms.proj.weight"] == whole

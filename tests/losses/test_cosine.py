@@ -34,3 +34,16 @@ def test_compression_matches_loop():
 def test_compression_rejects_bad_shapes():
     with pytest.raises(ValueError, match="student must be"):
         cross_view_cosine(torch.randn(2, 3, 4), torch.randn(1, 3, 4))
+
+
+def test_cosine_is_float32_under_bf16_autocast():
+    """The docstring's float32 held for the normalisation only: the einsum ran in bf16 under autocast."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 64, 256, generator=g)
+    s = torch.randn(12, 64, 256, generator=g) + t.repeat(6, 1, 1)
+    want = cross_view_cosine(t, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cross_view_cosine(t.bfloat16(), s.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, cross_view_cosine(t.bfloat16().float(), s.bfloat16().float()))
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)

@@ -34,7 +34,8 @@ from deo import dist
 from deo.io import storage
 
 STATE_FILE = "state.pt"
-_CKPT = re.compile(r"checkpoint_(\d+)$")
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)$")
+"""Name of a checkpoint folder; the group is the step."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -119,7 +120,7 @@ def list_checkpoints(run_uri: str) -> list[str]:
     found: list[tuple[int, str]] = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        m = _CKPT.match(name)
+        m = CHECKPOINT_NAME.match(name)
         if m and fs.exists(entry.rstrip("/") + "/" + STATE_FILE):
             found.append((int(m.group(1)), storage.join(run_uri, name)))
     return [uri for _, uri in sorted(found, reverse=True)]

@@ -76,9 +76,10 @@ class LocalRuntime:
 
     def _prune(self) -> None:
         fs, path = storage.filesystem(self.run_uri)
+        # checkpoint_<step> folders only: a run Ray Train started also holds checkpoint_manager_snapshot.json
         names = sorted(
-            e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)
-            if e.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
+            name for e in fs.ls(path, detail=False)
+            if ckpt.CHECKPOINT_NAME.match(name := e.rstrip("/").rsplit("/", 1)[-1])
         )
         for name in names[: -self.keep]:
             storage.remove(storage.join(self.run_uri, name), recursive=True)

@@ -233,3 +233,17 @@ def test_each_rank_gets_its_own_rng_back_and_other_world_sizes_reseed(monkeypatc
         ckpt.restore_rng(saved, seed=0, step=7)
         drawn.append(torch.rand(4))
     assert len({tuple(d.tolist()) for d in drawn}) == 3
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_ignores_ray_files(tmp_path):
+    """A run Ray Train started holds checkpoint_manager_snapshot.json: it took one of the kept slots."""
+    from deo.train import checkpoint as ckpt
+
+    run_uri = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")
+    runtime = LocalRuntime(run_uri, keep=2, device=torch.device("cpu"))
+    for step in (250, 300, 350):
+        runtime.save({"step": step}, {}, step)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ckpt.checkpoint_name(300), ckpt.checkpoint_name(350), "checkpoint_manager_snapshot.json"]

@@ -126,10 +126,37 @@ def _init_ray(cfg: PretrainConfig) -> None:
         # the dashboard's state API lets Ray Train's placement-group cleaner watch its controller
         ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=True,
                  configure_logging=False)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in cfg.run.storage:
-        raise ConfigError(f"run.storage={cfg.run.storage!r} is a local path but the cluster has "
-                          f"{len(nodes)} nodes: use object storage (s3://, gs://)")
+    check_cluster_storage({"run.storage": cfg.run.storage}, {"data": cfg.data})
+
+
+def check_cluster_storage(written: dict[str, str], read: dict[str, str]) -> None:
+    """Fail fast when workers would write to a local path of a cluster that has (or may grow) other nodes.
+
+    Args:
+        written: config key -> URI the workers write to (checkpoints, run folders): object storage
+            required on such a cluster (a ``file://`` URI is a local path too).
+        read: config key -> URI they read: a local path only gets a warning (a shared filesystem
+            mounted on every node at the same path works).
+
+    Raises:
+        ConfigError: naming the key, when a ``written`` URI is local on a multi-node or autoscaling cluster.
+    """
+    import ray
+
+    from deo.ingest.ray_data import autoscaler_present
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1 and not autoscaler_present():
+        return
+    where = f"the cluster has {nodes} nodes" if nodes > 1 else "the cluster's autoscaler adds nodes"
+    for key, uri in written.items():
+        if not storage.is_remote(uri):
+            raise ConfigError(f"{key}={uri!r} is a local path but {where}, whose workers cannot write "
+                              "there for the others: use object storage (s3://, gs://)")
+    for key, uri in read.items():
+        if not storage.is_remote(uri):
+            print(f"warning: {key}={uri!r} is a local path but {where}: every node must see it at that "
+                  "path (a shared filesystem), or use object storage", file=sys.stderr, flush=True)
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:

@@ -22,6 +22,7 @@ from ray import tune
 from deo.config import build_config, read_yaml, to_dict, to_yaml
 from deo.io import storage
 from deo.train.config import PretrainConfig
+from deo.train.driver import check_cluster_storage
 from deo.tune.config import SweepConfig
 from deo.tune.space import overrides_from_params, to_tune_space
 
@@ -135,6 +136,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False)
     # resolved here, on the driver: the trials run in working directories of Ray's own
     sweep = replace(sweep, storage=_abs(sweep.storage))
+    check_cluster_storage({"storage": sweep.storage}, {"data": pretrain.data})
     storage_root = sweep.storage
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources

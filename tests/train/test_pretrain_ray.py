@@ -44,6 +44,31 @@ def test_bad_configs_fail_before_any_worker_starts(sample_shards, tmp_path):
     assert r.returncode != 0 and "B01" in r.stderr and str(bad) in r.stderr, r.stderr[-2000:]
 
 
+def test_a_cluster_with_other_nodes_needs_object_storage_for_what_workers_write(monkeypatch, capsys):
+    """run.storage (and a sweep's storage) on a multi-node or autoscaling cluster must be object storage:
+    checked for run.storage only and with live nodes only before, so file:// and a cluster whose
+    autoscaler had not added the GPU nodes yet passed."""
+    import ray
+
+    from deo.config import ConfigError
+    from deo.ingest import ray_data
+    from deo.train.driver import check_cluster_storage
+
+    def cluster(nodes, autoscaler):
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes)
+        monkeypatch.setattr(ray_data, "autoscaler_present", lambda: autoscaler)
+
+    cluster(1, False)
+    check_cluster_storage({"run.storage": "/tmp/runs"}, {"data": "/tmp/shards"})  # one machine: fine
+    for nodes, autoscaler, where in ((3, False, "has 3 nodes"), (1, True, "autoscaler adds nodes")):
+        cluster(nodes, autoscaler)
+        for uri in ("runs", "/tmp/runs", "file:///tmp/runs"):
+            with pytest.raises(ConfigError, match=f"run.storage='{uri}' is a local path but the cluster.*{where}"):
+                check_cluster_storage({"run.storage": uri}, {})
+        check_cluster_storage({"storage": "s3://b/sweeps"}, {"data": "/mnt/shared/shards"})
+        assert "data='/mnt/shared/shards' is a local path" in capsys.readouterr().err
+
+
 @pytest.mark.ray
 def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
     args = ["pipelines/pretrain.py", f"data={sample_shards}", f"run.storage={tmp_path}", "run.name=e2e",

@@ -123,6 +123,22 @@ def export_checkpoint(checkpoint: str, out: str = "") -> tuple[str, dict[str, st
     return out, header
 
 
+def write_summary(out: str, header: dict[str, str], summary: str = "") -> str:
+    """Write the export's summary JSON (where it is, provenance, bands, GSD) and return its URI.
+
+    Args:
+        out: the export's URI.
+        header: its metadata (:func:`export_backbone`'s return).
+        summary: destination (empty: ``out`` with ``.safetensors`` replaced by ``.summary.json``).
+    """
+    summary = summary or out.removesuffix(".safetensors") + ".summary.json"
+    fields = {k: json.loads(header[k]) for k in ("step", "bands", "gsd", "gsd_range", "img_size", "architecture")}
+    record = {"backbone": out, "source": header["source"], "weights_sha256": header["weights_sha256"],
+              "deo_version": header["deo_version"], **fields}
+    storage.write_text(summary, json.dumps(record, indent=1))
+    return summary
+
+
 def read_header(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes."""
     n = int.from_bytes(data[:8], "little")

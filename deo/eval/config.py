@@ -70,3 +70,5 @@ class ExportConfig:
 
     checkpoint: str = option("runs/default", help="run folder (latest checkpoint) or checkpoint_* folder")
     out: str = option("", help="destination .safetensors path or URI (empty: <run folder>/backbone.safetensors)")
+    summary: str = option("", help="where to write the summary JSON (empty: beside the export, "
+                          "backbone.safetensors -> backbone.summary.json)")

@@ -35,6 +35,9 @@ def test_export_then_evaluate_cli(shared_data, tmp_path):
     r = run_cli(["pipelines/export.py", f"checkpoint={run}"])
     assert r.returncode == 0, r.stderr
     assert f"exported     {run}/backbone.safetensors" in r.stdout
+    summary = json.loads((tmp_path / "runs/default/backbone.summary.json").read_text())  # DESIGN: every pipeline
+    assert summary["backbone"] == f"{run}/backbone.safetensors" and summary["step"] == 4
+    assert summary["source"] == f"{run}/checkpoint_00000004" and len(summary["weights_sha256"]) == 64
 
     r = run_cli(["pipelines/evaluate.py", f"checkpoint={run}/backbone.safetensors",
                  f"dataset={shared_data / 'eurosat_ms'}", f"out={tmp_path / 'ev'}", "branches=[ms]",

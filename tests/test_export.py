@@ -149,3 +149,26 @@ def test_gsd_of_the_training_tiles_is_recorded_from_the_manifest(tmp_path):
     assert json.loads(header["gsd"]) == gsd and json.loads(header["gsd_range"]) == gsd_range
     net = load_backbone(out)
     assert net.gsd == gsd and net.gsd_range == gsd_range
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
+def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before(tmp_path, capsys, damage):
+    """What a worker lost mid-copy leaves: export/evaluate of the run fell over with torch's raw error."""
+    import os
+
+    from deo.train.checkpoint import UnreadableCheckpoint, load_state, newest_readable_state
+
+    run = str(tmp_path / "run")
+    write_run(run, steps=(5, 10))
+    state = tmp_path / "run" / "checkpoint_00000010" / "state.pt"
+    size = state.stat().st_size
+    state.write_bytes({"truncate": state.read_bytes()[: size // 2], "random": os.urandom(4096),
+                       "empty": b""}[damage])
+    with pytest.raises(UnreadableCheckpoint, match=f"checkpoint {state} is unreadable"):
+        load_state(str(state.parent))
+    assert newest_readable_state(run)["step"] == 5
+    out, header = export_checkpoint(run, str(tmp_path / "b.safetensors"))
+    assert json.loads(header["step"]) == 5 and header["source"].endswith("checkpoint_00000005")
+    assert f"skipping: checkpoint {state} is unreadable" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"checkpoint {state} is unreadable"):  # named: no fallback
+        export_checkpoint(str(state.parent), str(tmp_path / "c.safetensors"))

@@ -23,13 +23,20 @@ The latest checkpoint of a run folder is the ``checkpoint_<digits>`` folder with
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any
 
 import torch
 
 from deo.io import storage
 from deo.io.shards import manifest_gsd
-from deo.train.checkpoint import STATE_FILE, latest_checkpoint, load_state
+from deo.train.checkpoint import (
+    STATE_FILE,
+    UnreadableCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+)
 
 DEFAULT_GSD: dict[str, float] = {"ms": 10.0}
 
@@ -66,6 +73,29 @@ def resolve_checkpoint(uri: str) -> str:
             "a checkpoint_* folder, or a .safetensors export"
         )
     return latest
+
+
+def _load_newest_readable(uri: str) -> tuple[str, dict[str, Any]]:
+    """(checkpoint folder, its state) for ``uri``; a run folder's unreadable newest checkpoints (cut short
+    by a lost worker) are skipped, with a warning, for the newest that loads.
+
+    Raises:
+        FileNotFoundError: as :func:`resolve_checkpoint`.
+        UnreadableCheckpoint: the named checkpoint, or every checkpoint of the run, does not load.
+    """
+    ckpt = resolve_checkpoint(uri)
+    if ckpt == uri.rstrip("/"):  # a checkpoint_* folder, named by the caller
+        return ckpt, load_state(ckpt)
+    errors = []
+    for candidate in list_checkpoints(uri.rstrip("/")):
+        try:
+            state = load_state(candidate)
+        except UnreadableCheckpoint as e:
+            print(f"warning: skipping: {e}", file=sys.stderr, flush=True)
+            errors.append(str(e))
+            continue
+        return candidate, state
+    raise UnreadableCheckpoint(f"no checkpoint of {uri} loads: " + "; ".join(errors))
 
 
 def _run_manifest(checkpoint_dir: str) -> dict[str, Any]:
@@ -114,8 +144,7 @@ def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], 
         student = build_student_from_config(cfg)
         _load(student, state, uri)
         return student.eval(), cfg, meta
-    ckpt = resolve_checkpoint(uri)
-    state = load_state(ckpt)
+    ckpt, state = _load_newest_readable(uri)
     missing = [k for k in ("student", "config", "step") if k not in state]
     if missing:
         raise ValueError(f"{ckpt}/{STATE_FILE} lacks {missing}; it holds {sorted(state)}")

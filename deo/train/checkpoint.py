@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import re
 from typing import Any
@@ -104,12 +105,27 @@ def save_state(state: dict[str, Any], folder: str) -> str:
     return path
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint's state file exists but does not load (cut short by a lost worker, or damaged)."""
+
+
 def load_state(folder_or_file: str) -> dict[str, Any]:
-    """Read a checkpoint's state from a ``checkpoint_*`` folder (local or URI) or ``state.pt``."""
+    """Read a checkpoint's state from a ``checkpoint_*`` folder (local or URI) or ``state.pt``.
+
+    Raises:
+        FileNotFoundError: no state file there.
+        UnreadableCheckpoint: the file does not load, naming it.
+    """
     uri = folder_or_file if folder_or_file.endswith(".pt") else storage.join(folder_or_file, STATE_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no checkpoint state at {uri}")
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    data = storage.read_bytes(uri)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UnreadableCheckpoint(f"checkpoint {uri} is unreadable ({len(data)} bytes; "
+                                   f"{type(e).__name__}: {first})") from e
 
 
 def list_checkpoints(run_uri: str) -> list[str]:
@@ -137,6 +153,6 @@ def newest_readable_state(run_uri: str) -> dict[str, Any] | None:
     for uri in list_checkpoints(run_uri):
         try:
             return load_state(uri)
-        except (RuntimeError, EOFError, OSError, KeyError) as e:
-            print(f"skipping unreadable checkpoint {uri}: {e}", flush=True)
+        except UnreadableCheckpoint as e:
+            print(f"skipping: {e}", flush=True)
     return None

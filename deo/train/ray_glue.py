@@ -43,13 +43,17 @@ class RayRuntime:
 
         A worker lost right after persisting a checkpoint but before the controller registered it
         leaves a complete ``checkpoint_<step>`` that Ray does not know; resuming from it saves the
-        steps since the previous one.
+        steps since the previous one. An unreadable checkpoint, registered or not, is skipped for the
+        newest one that loads.
         """
         checkpoint = ray.train.get_checkpoint()
         registered = None
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                registered = ckpt.load_state(folder)
+                try:
+                    registered = ckpt.load_state(folder)
+                except ckpt.UnreadableCheckpoint as e:  # damaged after Ray registered it: fall back below
+                    print(f"skipping: {e}", flush=True)
         newest = ckpt.newest_readable_state(self.run_uri)
         if newest is not None and (registered is None or newest["step"] > registered["step"]):
             return newest

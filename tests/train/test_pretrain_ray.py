@@ -202,3 +202,12 @@ def test_rerun_with_another_number_of_workers_resumes_the_run(sample_shards, tmp
     lines = metric_lines(tmp_path / "rw")
     assert [x["step"] for x in lines] == list(range(1, 9))  # nothing repeated or skipped
     assert all(x["epoch"] >= 0 for x in lines)
+    # the newest checkpoint, registered with Ray, damaged afterwards: the rerun names it, resumes from
+    # the one before (it stopped with Ray's raw unpickling error, 4 times over, naming no file)
+    state = tmp_path / "rw" / "checkpoint_00000008" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    third = run_cli([*common, "train.max_steps=10", "scaling.num_workers=2"])
+    out = third.stdout + third.stderr
+    assert third.returncode == 0, out[-5000:]
+    assert f"checkpoint {tmp_path}/rw/checkpoint_00000008/state.pt is unreadable" in out and "at step 6" in out
+    assert [x["step"] for x in metric_lines(tmp_path / "rw")] == list(range(1, 11))

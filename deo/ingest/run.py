@@ -42,7 +42,7 @@ from deo.ingest.scene import (
     sar_candidates,
 )
 from deo.ingest.stats import BandStats
-from deo.ingest.tiling import TileMaker, windows_of
+from deo.ingest.tiling import TileMaker, WindowReadError, windows_of
 from deo.io import storage
 from deo.io.raster import RasterCache
 from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema
@@ -173,11 +173,18 @@ def _even_groups(tiles: list[int], limit: int) -> list[int]:
 
 
 def _job_done(output: str, name: str) -> dict[str, Any] | None:
+    """The summary of a job an earlier run completed, or None to (re)do it.
+
+    A job in which a source failed to read is done again: the failure may have been transient, or the
+    file has been fixed since.
+    """
     path = storage.join(output, PARTS, name + ".json")
     if not storage.exists(path):
         return None
     summary = json.loads(storage.read_text(path))
     if summary["rows"] and not storage.exists(storage.join(output, name + ".parquet")):
+        return None
+    if any(rec.get("error") for rec in summary["sources"].values()):
         return None
     return summary
 
@@ -215,7 +222,8 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
                 try:
                     rows, rejects = maker.window_rows(plan, wx, wy, unit["pairs"], unit.get("sars"))
                 except Exception as e:  # noqa: BLE001 - any read failure is recorded, the run goes on
-                    rec["error"] = f"read failed at window ({wx}, {wy}): {type(e).__name__}: {e}"
+                    detail = str(e) if isinstance(e, WindowReadError) else f"{type(e).__name__}: {e}"
+                    rec["error"] = f"read failed at window ({wx}, {wy}): {detail}"
                     continue
                 rec["tiles"] += len(rows)
                 rec["rejected"] += rejects["nodata"] + rejects["cloud"]

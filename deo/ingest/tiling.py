@@ -63,6 +63,10 @@ def windows_of(plan: dict[str, Any], window_tiles: int) -> list[tuple[int, int]]
     return [(wx, wy) for wy in range(ny) for wx in range(nx)]
 
 
+class WindowReadError(RuntimeError):
+    """Reading a window of one file failed; the message names the file."""
+
+
 class TileMaker:
     """Turns windows of planned sources into shard rows; holds open datasets and warped views.
 
@@ -102,11 +106,18 @@ class TileMaker:
 
     def _read(self, uri: str, indexes: list[int], grid: dict[str, Any], key: str, window: Window,
               resampling: Resampling, src_nodata: float | None) -> tuple[np.ndarray, bool]:
-        """Read bands of ``uri`` on ``window`` of ``grid``; returns (data, read directly?)."""
-        src: DatasetReader = self.cache.get(uri)
-        if same_grid(src, Affine(*grid["transform"]), CRS.from_wkt(grid["crs"])):
-            return src.read(indexes, window=window), True
-        return self._vrt(uri, grid, key, resampling, src_nodata).read(indexes, window=window), False
+        """Read bands of ``uri`` on ``window`` of ``grid``; returns (data, read directly?).
+
+        Raises:
+            WindowReadError: the read failed, naming ``uri`` (a scene has a file per band).
+        """
+        try:
+            src: DatasetReader = self.cache.get(uri)
+            if same_grid(src, Affine(*grid["transform"]), CRS.from_wkt(grid["crs"])):
+                return src.read(indexes, window=window), True
+            return self._vrt(uri, grid, key, resampling, src_nodata).read(indexes, window=window), False
+        except Exception as e:  # noqa: BLE001 - re-raised with the file's name
+            raise WindowReadError(f"{uri}: {type(e).__name__}: {e}") from e
 
     # ---------------------------------------------------------------- Sentinel-2
     def s2_window(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]],

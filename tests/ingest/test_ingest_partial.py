@@ -83,3 +83,10 @@ def test_scene_failing_partway_is_partial_with_its_written_tiles(tmp_path, share
     valid = (ms != 0).all(axis=1)
     mean = [ms[:, b][valid].mean() for b in range(10)]
     np.testing.assert_allclose(ShardDataset.open(out).manifest["stats"]["ms"]["mean"], mean, rtol=1e-9)
+    assert f"{cut / 'B05.tif'}: " in entry["reason"]  # which of the scene's band files failed
+    # the file fixed (or a transient error gone): the rerun redoes that job instead of keeping the
+    # failure on record as done, and the scene is whole
+    shutil.copy(good / "B05.tif", cut / "B05.tif")
+    again = ingest(cfg, log=lambda _: None)
+    (entry,) = ShardDataset.open(out).manifest["sources"]
+    assert entry["status"] == "ok" and again["failed"] == [] and len(rows(out)) == len(ref)

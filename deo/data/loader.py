@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -52,6 +53,37 @@ def fill_true_colour(ms: torch.Tensor, optical: torch.Tensor, has_optical: torch
     return torch.where(has_optical.view(-1, 1, 1, 1), optical, rgb)
 
 
+def check_shard_files(files: list[str], with_sar: bool = False, threads: int = 16) -> None:
+    """Read every shard's Parquet footer (a few in parallel) and check the columns training reads.
+
+    Run by the driver, so a damaged or foreign shard stops the run before any worker starts.
+
+    Raises:
+        ValueError: naming the first bad file: missing, not Parquet (e.g. cut short), or without a
+            column training needs.
+    """
+    need = [c for c in COLUMNS if c != "optical"] + ["source_ms"]
+
+    def check(f: str) -> None:
+        try:
+            fs, path = storage.pyarrow_filesystem(f)
+            names = pq.ParquetFile(path, filesystem=fs).schema_arrow.names
+        except FileNotFoundError as e:
+            raise ValueError(f"shard {f} is listed in manifest.json but missing") from e
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"shard {f} is not a readable Parquet file ({type(e).__name__}: {e})") from e
+        missing = [c for c in need if c not in names]
+        if missing:
+            raise ValueError(f"shard {f} has no {', '.join(missing)} column (see the shard schema in the "
+                             "README; re-ingest it with pipelines/ingest.py)")
+        if with_sar and "sar" not in names:
+            raise ValueError(f"model.sar needs a `sar` column; shard {f} has none (ingest with a SAR source)")
+
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        for _ in pool.map(check, files):
+            pass
+
+
 @dataclass
 class ShardIndex:
     """The files of a shard dataset and the rows with an ``ms`` tile in each row group."""
@@ -76,26 +108,29 @@ class ShardIndex:
         opt_shape: tuple[int, ...] | None = None
         sar_shape: tuple[int, ...] | None = None
         for fi, f in enumerate(files):
-            fs, path = storage.pyarrow_filesystem(f)
-            pf = pq.ParquetFile(path, filesystem=fs)
-            if ms_shape is None:
-                schema = pf.schema_arrow
-                ms_shape = tuple(schema.field("ms").type.shape)
-                if "optical" in schema.names:
-                    opt_shape = tuple(schema.field("optical").type.shape)
-                if with_sar:
-                    if "sar" not in schema.names:
-                        raise ValueError(f"model.sar needs a `sar` column; the shards in {uri} have none "
-                                         "(ingest with a SAR source)")
-                    sar_shape = tuple(schema.field("sar").type.shape)
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["source_ms", "sar"] if with_sar else ["source_ms"])
-                ok = t.column("source_ms").is_valid().to_numpy(zero_copy_only=False)
-                if with_sar:
-                    ok = ok & t.column("sar").is_valid().to_numpy(zero_copy_only=False)
-                valid = np.flatnonzero(ok)
-                if len(valid):
-                    units.append((fi, rg, valid))
+            try:
+                fs, path = storage.pyarrow_filesystem(f)
+                pf = pq.ParquetFile(path, filesystem=fs)
+                if ms_shape is None:
+                    schema = pf.schema_arrow
+                    ms_shape = tuple(schema.field("ms").type.shape)
+                    if "optical" in schema.names:
+                        opt_shape = tuple(schema.field("optical").type.shape)
+                    if with_sar:
+                        if "sar" not in schema.names:
+                            raise ValueError(f"model.sar needs a `sar` column; the shards in {uri} have none "
+                                             "(ingest with a SAR source)")
+                        sar_shape = tuple(schema.field("sar").type.shape)
+                for rg in range(pf.num_row_groups):
+                    t = pf.read_row_group(rg, columns=["source_ms", "sar"] if with_sar else ["source_ms"])
+                    ok = t.column("source_ms").is_valid().to_numpy(zero_copy_only=False)
+                    if with_sar:
+                        ok = ok & t.column("sar").is_valid().to_numpy(zero_copy_only=False)
+                    valid = np.flatnonzero(ok)
+                    if len(valid):
+                        units.append((fi, rg, valid))
+            except Exception as e:  # noqa: BLE001 - re-raised naming the file
+                raise ValueError(f"shard {f}: {e}") from e
         if ms_shape is None:
             raise ValueError(f"no Parquet shards found in {uri}")
         return cls(uri, files, units, ms_shape, opt_shape, sar_shape)
@@ -169,6 +204,12 @@ class _RowGroupCache:
         return decoded
 
     def _decode(self, f: int, rg: int) -> dict[str, np.ndarray]:
+        try:
+            return self._decode_row_group(f, rg)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise RuntimeError(f"shard {self.index.files[f]}, row group {rg}: {type(e).__name__}: {e}") from e
+
+    def _decode_row_group(self, f: int, rg: int) -> dict[str, np.ndarray]:
         # a few open files per thread (each holds a handle and, on object storage, a read buffer)
         files: OrderedDict[int, pq.ParquetFile] = self.local.__dict__.setdefault("files", OrderedDict())
         if f in files:

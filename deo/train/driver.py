@@ -15,6 +15,7 @@ from typing import Any
 
 from deo.bands import DEO_BANDS
 from deo.config import ConfigError, config_changes
+from deo.data.loader import check_shard_files
 from deo.io import storage
 from deo.io.shards import ShardDataset
 from deo.train.config import PretrainConfig
@@ -84,6 +85,10 @@ def validate(cfg: PretrainConfig) -> ShardDataset:
         raise ConfigError(f"data={cfg.data}: {e}") from e
     if not shards.files:
         raise ConfigError(f"data={cfg.data}: manifest.json lists no Parquet shards")
+    try:
+        check_shard_files(shards.files, with_sar=cfg.model.sar)
+    except ValueError as e:
+        raise ConfigError(f"data={cfg.data}: {e}") from e
     if cfg.teacher.weights and not storage.exists(cfg.teacher.weights):
         raise ConfigError(f"teacher.weights={cfg.teacher.weights}: file not found")
     if cfg.model.init_from and not storage.exists(cfg.model.init_from):

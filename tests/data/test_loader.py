@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deo.data.loader import ShardIndex, ShardLoader
+from deo.data.loader import ShardIndex, ShardLoader, check_shard_files
 from deo.data.sampling import lane_streams
 from deo.io.shards import ShardDataset, tensor_column_to_numpy
 
@@ -39,3 +39,21 @@ def test_a_wide_shuffle_window_decodes_each_row_group_once(sample_shards, tmp_pa
             assert batch["sample_id"][i] == table.column("sample_id")[r].as_py()
             ms, _ = tensor_column_to_numpy(table.column("ms"))
             np.testing.assert_array_equal(batch["ms"][i].numpy(), ms[r])
+
+
+def test_damaged_or_foreign_shards_are_named_before_training(sample_shards, tmp_path):
+    """A cut-short shard failed on every worker with pyarrow's 'magic bytes' error, naming no file."""
+    files = [str(sample_shards / f) for f in ShardDataset.open(str(sample_shards)).manifest["files"]]
+    check_shard_files(files)  # the real shards pass
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes((sample_shards / files[0].rsplit("/", 1)[-1]).read_bytes()[:100_000])
+    with pytest.raises(ValueError, match=f"shard {cut} is not a readable Parquet file"):
+        check_shard_files([*files, str(cut)])
+    with pytest.raises(ValueError, match="listed in manifest.json but missing"):
+        check_shard_files([str(tmp_path / "gone.parquet")])
+    foreign = tmp_path / "no_ms.parquet"
+    pq.write_table(pq.read_table(files[0]).drop_columns(["ms"]), foreign)
+    with pytest.raises(ValueError, match=f"shard {foreign} has no ms column"):
+        check_shard_files([str(foreign)])
+    with pytest.raises(ValueError, match=f"shard {files[0]}: .*sar"):
+        ShardIndex.build(str(sample_shards), files, with_sar=True)

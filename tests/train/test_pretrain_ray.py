@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def test_bad_configs_fail_before_any_worker_starts(sample_shards, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli(["pipelines/pretrain.py", f"data={bad}", f"run.storage={tmp_path}"])
     assert r.returncode != 0 and "B01" in r.stderr and str(bad) in r.stderr, r.stderr[-2000:]
+    # a shard cut short (an interrupted copy): named by the driver, not by every worker in turn
+    cut = tmp_path / "cut"
+    shutil.copytree(sample_shards, cut)
+    first = cut / json.loads((cut / "manifest.json").read_text())["files"][0]
+    first.write_bytes(first.read_bytes()[:100_000])
+    r = run_cli(["pipelines/pretrain.py", f"data={cut}", f"run.storage={tmp_path}"])
+    assert r.returncode != 0 and f"shard {first} is not a readable Parquet file" in r.stderr, r.stderr[-2000:]
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
 
 
 def test_a_cluster_with_other_nodes_needs_object_storage_for_what_workers_write(monkeypatch, capsys):

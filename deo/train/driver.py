@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deo.bands import DEO_BANDS
-from deo.config import ConfigError, config_changes
+from deo.config import ConfigError, build_config, config_changes
 from deo.data.loader import check_shard_files
 from deo.io import storage
 from deo.io.shards import ShardDataset
@@ -107,6 +107,32 @@ def finished_summary(run_uri: str, cfg: PretrainConfig) -> dict[str, Any] | None
     return summary if summary.get("steps", 0) >= cfg.train.max_steps else None
 
 
+def check_resumable(run_uri: str, cfg: PretrainConfig) -> None:
+    """Refuse to resume a run whose checkpoints hold another parameter layout (a head size, the student,
+    a head switched off or on), naming the keys: the weights could not load on any worker.
+
+    Raises:
+        ConfigError: the run has a checkpoint and ``cfg`` changes its :func:`parameter_layout`.
+    """
+    import yaml
+
+    from deo.train.checkpoint import latest_checkpoint
+    from deo.train.task import parameter_layout
+
+    uri = storage.join(run_uri, "config.yaml")
+    if not storage.exists(uri) or latest_checkpoint(run_uri) is None:
+        return
+    try:
+        saved = build_config(PretrainConfig, yaml.safe_load(storage.read_text(uri)) or {}, source=uri)
+    except ConfigError:
+        return  # written by another deo version: the loop reports what does not load
+    old, new = parameter_layout(saved), parameter_layout(cfg)
+    changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+    if changed:
+        raise ConfigError(f"{run_uri} has checkpoints of another model, so it cannot resume under this config "
+                          f"({'; '.join(changed)}): restore those values, or give another run.name")
+
+
 def warn_if_config_changed(run_uri: str, cfg: PretrainConfig) -> None:
     """A finished run rerun under another config trains nothing: say so rather than ignore the change."""
     uri = storage.join(run_uri, "config.yaml")
@@ -174,6 +200,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     if done is not None:
         warn_if_config_changed(run_uri, cfg)
         return PretrainResult(run_uri, done, resumed_finished=True)
+    check_resumable(run_uri, cfg)
     if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in cfg.run.storage \
             and not cfg.run.storage.startswith("/"):
         print(f"warning: run.storage={cfg.run.storage!r} is relative; under `ray job submit` it "

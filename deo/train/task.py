@@ -55,6 +55,18 @@ def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def parameter_layout(cfg: Any) -> dict[str, Any]:
+    """The config values that fix which trained parameters exist and their shapes (:class:`DEOTrainable`
+    builds from them): a checkpoint's weights load only under the same layout."""
+    m, loss = cfg.model, cfg.loss
+    return {
+        "model.student": m.student, "model.head_hidden": m.head_hidden, "model.head_out": m.head_out,
+        "model.head_layers": m.head_layers, "model.sar": m.sar, "teacher.name": cfg.teacher.name,
+        **{f"loss.{k} > 0": getattr(loss, k) > 0 for k in ("alpha1", "alpha2", "alpha3", "msad_lambda",
+                                                           "gsd_weight")},
+    }
+
+
 class DEOTrainable(nn.Module):
     """Everything that gets gradients: the student and all its heads (the module DDP wraps).
 

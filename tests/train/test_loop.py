@@ -1,6 +1,7 @@
 """The training loop without Ray: run folder, exact resume, data position, NaN guard."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -108,6 +109,17 @@ def test_a_resume_under_another_config_says_what_changed_and_keeps_both(sample_s
     folder = tmp_path / "changed"
     assert build_config(PretrainConfig, read_yaml(folder / "config.yaml")) == longer
     assert build_config(PretrainConfig, read_yaml(folder / "config.until_step_00000002.yaml")) == first
+    # a change of the parameter layout cannot resume: the driver names it before any worker starts
+    # (a resume with model.head_out changed failed on every worker with a state-dict size mismatch)
+    from deo.config import ConfigError
+    from deo.train.driver import check_resumable
+
+    check_resumable(str(folder), longer)
+    for change, named in (("model.head_out=64", "model.head_out: 128 -> 64"),
+                          ("loss.alpha1=0", "loss.alpha1 > 0: True -> False")):
+        other = tiny_cfg(sample_shards, tmp_path, "changed", "train.max_steps=4", change)
+        with pytest.raises(ConfigError, match=f"cannot resume under this config \\({re.escape(named)}"):
+            check_resumable(str(folder), other)
 
 
 def test_a_nan_loss_stops_training_naming_the_term(sample_shards, tmp_path, monkeypatch):

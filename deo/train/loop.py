@@ -185,122 +185,134 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
     start_step = step
 
     log = MetricsLog(run_uri, step, cfg.run.tensorboard, cfg.run.mlflow_uri) if main else None
-    probe = None
-    if main and cfg.probe.every:
-        from deo.eval.in_loop_probe import build_knn_probe
+    try:
+        probe = None
+        if main and cfg.probe.every:
+            from deo.eval.in_loop_probe import build_knn_probe
 
-        probe = build_knn_probe(cfg.probe, stats, seed=cfg.train.seed)
-    probe_metrics: dict[str, float] = {}
-    if main and step == 0:
-        storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(cfg))
-        storage.write_text(storage.join(run_uri, "manifest.json"), json.dumps(shards.manifest, indent=1))
-    if main and step > 0:
-        print(f"resuming {run_uri} at step {step} (epoch {position.epoch}, "
-              f"{position.samples} samples into it)", flush=True)
-        record_config_changes(run_uri, cfg, step)
+            probe = build_knn_probe(cfg.probe, stats, seed=cfg.train.seed)
+        probe_metrics: dict[str, float] = {}
+        if main and step == 0:
+            storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(cfg))
+            storage.write_text(storage.join(run_uri, "manifest.json"), json.dumps(shards.manifest, indent=1))
+        if main and step > 0:
+            print(f"resuming {run_uri} at step {step} (epoch {position.epoch}, "
+                  f"{position.samples} samples into it)", flush=True)
+            record_config_changes(run_uri, cfg, step)
 
-    started = time.perf_counter()
-    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-    total_wait = 0.0
-    sums: dict[str, torch.Tensor] = {}
-    last: dict[str, float] = {}
-    images_per_s = 0.0
-    while step < cfg.train.max_steps:
-        lanes = lane_streams(index.units, cfg.train.seed, position.epoch, B, world,
-                             position.segments, cfg.train.shuffle_buffer, cfg.train.data_order)
-        n = min(batches_left(lanes, B), cfg.train.max_steps - step)
-        if n == 0:
-            if position.samples == 0:
-                raise ValueError(f"{cfg.data} has {index.num_rows} trainable rows, fewer than one "
-                                 f"global batch of {B} over {world} workers")
-            position.next_epoch()
-            continue
-        loader = ShardLoader(index, lanes[rank], per_rank, n, pin_memory=device.type == "cuda",
-                             decode_threads=decode_threads)
-        wait_before = 0.0
-        for batch in loader:
-            wait_now = loader.wait_seconds - wait_before
-            wait_before = loader.wait_seconds
-            window_wait += wait_now
-            total_wait += wait_now
-            lr, wd, momentum = schedules.at(step)
-            ids = batch.pop("sample_id")
-            losses = train_step(batch, ids, position.epoch, step, (lr, wd, momentum))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v
-            step += 1
-            window_steps += 1
-            position.advance(world, B)
-            at_checkpoint = step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps
-            if compiled is not None and main and (step == start_step + 1 or at_checkpoint):
-                saved = compiled.save()  # what this process compiled since the last save, if anything
-                if saved:
-                    print(f"compile cache: saved {saved}", flush=True)
+        started = time.perf_counter()
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        total_wait = 0.0
+        sums: dict[str, torch.Tensor] = {}
+        last: dict[str, float] = {}
+        images_per_s = 0.0
+        while step < cfg.train.max_steps:
+            lanes = lane_streams(index.units, cfg.train.seed, position.epoch, B, world,
+                                 position.segments, cfg.train.shuffle_buffer, cfg.train.data_order)
+            n = min(batches_left(lanes, B), cfg.train.max_steps - step)
+            if n == 0:
+                if position.samples == 0:
+                    raise ValueError(f"{cfg.data} has {index.num_rows} trainable rows, fewer than one "
+                                     f"global batch of {B} over {world} workers")
+                position.next_epoch()
+                continue
+            loader = ShardLoader(index, lanes[rank], per_rank, n, pin_memory=device.type == "cuda",
+                                 decode_threads=decode_threads)
+            wait_before = 0.0
+            for batch in loader:
+                wait_now = loader.wait_seconds - wait_before
+                wait_before = loader.wait_seconds
+                window_wait += wait_now
+                total_wait += wait_now
+                lr, wd, momentum = schedules.at(step)
+                ids = batch.pop("sample_id")
+                losses = train_step(batch, ids, position.epoch, step, (lr, wd, momentum))
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v
+                step += 1
+                window_steps += 1
+                position.advance(world, B)
+                at_checkpoint = step % cfg.run.checkpoint_every == 0 or step == cfg.train.max_steps
+                if compiled is not None and main and (step == start_step + 1 or at_checkpoint):
+                    saved = compiled.save()  # what this process compiled since the last save, if anything
+                    if saved:
+                        print(f"compile cache: saved {saved}", flush=True)
 
-            if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
-                last = _window_means(sums, window_steps, step)
-                elapsed = time.perf_counter() - window_start
-                images_per_s = window_steps * B / max(elapsed, 1e-9)
-                # on the device: NCCL (GPU workers) reduces no CPU tensors
-                wait_frac = float(dist.all_reduce_mean(
-                    torch.tensor(window_wait / max(elapsed, 1e-9), device=device)))
-                record = {"step": step, "epoch": position.epoch, **last, "lr": lr, "weight_decay": wd,
-                          "momentum": momentum, "images_per_s": images_per_s, "data_wait": wait_frac}
-                if log is not None:
-                    log.log(record)
-                    print(progress_line(step, cfg.train.max_steps, last, lr, images_per_s, wait_frac,
-                                        started, start_step), flush=True)
-                sums, window_steps, window_wait = {}, 0, 0.0
-                window_start = time.perf_counter()
-                if step % cfg.run.report_every == 0 and step % cfg.run.checkpoint_every \
-                        and not (cfg.probe.every and step % cfg.probe.every == 0):
-                    runtime.report({**record, **probe_metrics})
+                if step % cfg.run.log_every == 0 or step == cfg.train.max_steps:
+                    last = _window_means(sums, window_steps, step)
+                    elapsed = time.perf_counter() - window_start
+                    images_per_s = window_steps * B / max(elapsed, 1e-9)
+                    # on the device: NCCL (GPU workers) reduces no CPU tensors
+                    wait_frac = float(dist.all_reduce_mean(
+                        torch.tensor(window_wait / max(elapsed, 1e-9), device=device)))
+                    record = {"step": step, "epoch": position.epoch, **last, "lr": lr, "weight_decay": wd,
+                              "momentum": momentum, "images_per_s": images_per_s, "data_wait": wait_frac}
+                    if log is not None:
+                        log.log(record)
+                        print(progress_line(step, cfg.train.max_steps, last, lr, images_per_s, wait_frac,
+                                            started, start_step), flush=True)
+                    sums, window_steps, window_wait = {}, 0, 0.0
+                    window_start = time.perf_counter()
+                    if step % cfg.run.report_every == 0 and step % cfg.run.checkpoint_every \
+                            and not (cfg.probe.every and step % cfg.probe.every == 0):
+                        runtime.report({**record, **probe_metrics})
 
-            if cfg.probe.every and (step % cfg.probe.every == 0 or step == cfg.train.max_steps):
-                student = whole(task)  # a collective under FSDP: every rank gathers
-                if probe is not None:  # rank 0 only; the other ranks wait at the next collective
-                    probe_metrics = probe(student, device)
-                if log is not None:
-                    log.log_probe({"step": step, **probe_metrics})
-                    print(f"step {step} probe: " + " ".join(f"{k}={v:.4f}" for k, v in
-                                                          probe_metrics.items()), flush=True)
-            if cfg.probe.every and step % cfg.probe.every == 0 and step % cfg.run.checkpoint_every \
-                    and step != cfg.train.max_steps:
-                runtime.report({"step": step, "epoch": position.epoch, **last, **probe_metrics})
-            if at_checkpoint:
-                if sums:  # steps since the last logging step: never checkpoint non-finite weights
-                    _window_means(sums, window_steps, step)
-                state_out = _checkpoint_state(task, optimizer, train_step.scaler, step, position, cfg, stats,
-                                              shards.manifest["bands"], gsd)
-                if log is not None:
-                    log.flush()
-                runtime.save(state_out, {"step": step, "epoch": position.epoch, **last, **probe_metrics},
-                             step)
-        if n == batches_left(lanes, B):  # the lane was read to its end: next epoch
-            position.next_epoch()
+                if cfg.probe.every and (step % cfg.probe.every == 0 or step == cfg.train.max_steps):
+                    student = whole(task)  # a collective under FSDP: every rank gathers
+                    if probe is not None:  # rank 0 only; the other ranks wait at the next collective
+                        probe_metrics = probe(student, device)
+                    if log is not None:
+                        log.log_probe({"step": step, **probe_metrics})
+                        print(f"step {step} probe: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                                              probe_metrics.items()), flush=True)
+                if cfg.probe.every and step % cfg.probe.every == 0 and step % cfg.run.checkpoint_every \
+                        and step != cfg.train.max_steps:
+                    runtime.report({"step": step, "epoch": position.epoch, **last, **probe_metrics})
+                if at_checkpoint:
+                    if sums:  # steps since the last logging step: never checkpoint non-finite weights
+                        _window_means(sums, window_steps, step)
+                    state_out = _checkpoint_state(task, optimizer, train_step.scaler, step, position, cfg, stats,
+                                                  shards.manifest["bands"], gsd)
+                    if log is not None:
+                        log.flush()
+                    runtime.save(state_out, {"step": step, "epoch": position.epoch, **last, **probe_metrics},
+                                 step)
+            if n == batches_left(lanes, B):  # the lane was read to its end: next epoch
+                position.next_epoch()
 
-    seconds = time.perf_counter() - started
-    summary = TrainSummary(run_uri, step, start_step, last, images_per_s,
-                           total_wait / max(seconds, 1e-9), seconds)
-    final_student = whole(task) if cfg.run.export else None  # collective under FSDP
-    if main:
-        if final_student is not None:
-            from deo.export import export_backbone
+        seconds = time.perf_counter() - started
+        if step == start_step and log is not None and log.lines:
+            # nothing left to train (stopped after the last checkpoint, before the summary): report the
+            # run's last logged values rather than none
+            final = log.lines[-1]
+            not_losses = {"step", "epoch", "lr", "weight_decay", "momentum", "images_per_s", "data_wait"}
+            last = {k: v for k, v in final.items() if k not in not_losses and not k.startswith("probe/")}
+            images_per_s = float(final.get("images_per_s", 0.0))
+        summary = TrainSummary(run_uri, step, start_step, last, images_per_s,
+                               total_wait / max(seconds, 1e-9), seconds)
+        final_student = whole(task) if cfg.run.export else None  # collective under FSDP
+        if main:
+            if final_student is not None:
+                from deo.export import export_backbone
 
-            summary.backbone = storage.join(run_uri, "backbone.safetensors")
-            export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step,
-                            gsd=gsd[0], gsd_range=gsd[1], source=storage.join(run_uri, ckpt.checkpoint_name(step)))
-        if log is not None:
-            log.close()
-        storage.write_text(storage.join(run_uri, "summary.json"),
-                           json.dumps(summary.__dict__, indent=1, default=str))
-    # every rank returns once rank 0 has written the export and summary. Under FSDP the gather above is
-    # the last collective, and a rank that exits right after it can abort: the gloo group outlives
-    # destroy_process_group (DTensor's sharding caches keep its mesh), and its worker thread, still
-    # freeing the gather's tensors, needs the GIL of an interpreter that is shutting down (gdb:
-    # ~AsyncAllgatherCoalescedWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> terminate)
-    dist.barrier()
-    return summary
+                summary.backbone = storage.join(run_uri, "backbone.safetensors")
+                export_backbone(final_student, cfg, stats, shards.manifest["bands"], summary.backbone, step=step,
+                                gsd=gsd[0], gsd_range=gsd[1], source=storage.join(run_uri, ckpt.checkpoint_name(step)))
+            if log is not None:
+                log.close()
+            storage.write_text(storage.join(run_uri, "summary.json"),
+                               json.dumps(summary.__dict__, indent=1, default=str))
+        # every rank returns once rank 0 has written the export and summary. Under FSDP the gather above is
+        # the last collective, and a rank that exits right after it can abort: the gloo group outlives
+        # destroy_process_group (DTensor's sharding caches keep its mesh), and its worker thread, still
+        # freeing the gather's tensors, needs the GIL of an interpreter that is shutting down (gdb:
+        # ~AsyncAllgatherCoalescedWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> terminate)
+        dist.barrier()
+        return summary
+    except BaseException:
+        if log is not None:  # a failed attempt leaves no temporary TensorBoard folder behind
+            log.discard()
+        raise
 
 
 def _window_means(sums: dict[str, torch.Tensor], steps: int, step: int) -> dict[str, float]:

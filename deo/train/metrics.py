@@ -83,12 +83,20 @@ class MetricsLog:
     def close(self) -> None:
         """Flush and release the writers."""
         self.flush()
+        self.discard(status="FINISHED")
+
+    def discard(self, status: str = "FAILED") -> None:
+        """Release the writers and the temporary TensorBoard folder without writing (a failed attempt:
+        its resume keeps what the last checkpoint flushed). Safe to call again."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.tb_dir:
             shutil.rmtree(self.tb_dir, ignore_errors=True)
+            self.tb_dir = None
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status=status)
+            self.mlflow = None
 
 
 def progress_line(step: int, max_steps: int, losses: dict[str, float], lr: float,

@@ -94,6 +94,14 @@ def test_stop_and_rerun_resumes_exactly(sample_shards, tmp_path):
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
     assert straight.final_losses["loss"] == pytest.approx(resumed.final_losses["loss"], rel=1e-4)
+    # stopped after the last checkpoint, before summary.json: the rerun trains nothing and still
+    # reports the run's final losses and rate (it wrote empty losses and 0 images/s)
+    (folder / "summary.json").unlink()
+    again = run(tiny_cfg(sample_shards, tmp_path, "resumed", "train.max_steps=6", "run.checkpoint_every=3"),
+                tmp_path)
+    assert again.start_step == again.steps == 6 and again.images_per_s > 0
+    assert again.final_losses == resumed.final_losses
+    assert json.loads((folder / "summary.json").read_text())["final_losses"] == resumed.final_losses
 
 
 def test_a_resume_under_another_config_says_what_changed_and_keeps_both(sample_shards, tmp_path, capsys):
@@ -130,10 +138,15 @@ def test_a_nan_loss_stops_training_naming_the_term(sample_shards, tmp_path, monk
         return v, {"coding_rate": v.detach()}
 
     monkeypatch.setattr(coding_rate.CodingRateLoss, "forward", nan_forward)
-    cfg = tiny_cfg(sample_shards, tmp_path, "nan", "train.max_steps=2")
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    cfg = tiny_cfg(sample_shards, tmp_path, "nan", "train.max_steps=2", "run.tensorboard=true")
     with pytest.raises(FloatingPointError, match=r"not finite in steps 1\.\.1: coding_rate=nan"):
         run(cfg, tmp_path)
     assert not list((tmp_path / "nan").glob("checkpoint_*"))
+    assert not list((tmp_path / "tmp").iterdir())  # the failed attempt's TensorBoard folder is gone
 
 
 def test_in_loop_probe_writes_probe_jsonl(sample_shards, tmp_path):

@@ -172,3 +172,8 @@ def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before
     assert f"skipping: checkpoint {state} is unreadable" in capsys.readouterr().err
     with pytest.raises(ValueError, match=f"checkpoint {state} is unreadable"):  # named: no fallback
         export_checkpoint(str(state.parent), str(tmp_path / "c.safetensors"))
+    # none loads: resuming must not start the run over (that rewrites its config and metrics)
+    other = tmp_path / "run" / "checkpoint_00000005" / "state.pt"
+    other.write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoint, match="no checkpoint of .* loads, so it cannot resume"):
+        newest_readable_state(run)

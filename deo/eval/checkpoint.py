@@ -30,13 +30,7 @@ import torch
 
 from deo.io import storage
 from deo.io.shards import manifest_gsd
-from deo.train.checkpoint import (
-    STATE_FILE,
-    UnreadableCheckpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_state,
-)
+from deo.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, newest_readable
 
 DEFAULT_GSD: dict[str, float] = {"ms": 10.0}
 
@@ -86,16 +80,9 @@ def _load_newest_readable(uri: str) -> tuple[str, dict[str, Any]]:
     ckpt = resolve_checkpoint(uri)
     if ckpt == uri.rstrip("/"):  # a checkpoint_* folder, named by the caller
         return ckpt, load_state(ckpt)
-    errors = []
-    for candidate in list_checkpoints(uri.rstrip("/")):
-        try:
-            state = load_state(candidate)
-        except UnreadableCheckpoint as e:
-            print(f"warning: skipping: {e}", file=sys.stderr, flush=True)
-            errors.append(str(e))
-            continue
-        return candidate, state
-    raise UnreadableCheckpoint(f"no checkpoint of {uri} loads: " + "; ".join(errors))
+    found = newest_readable(uri.rstrip("/"), log=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+    assert found is not None  # resolve_checkpoint found one
+    return found
 
 
 def _run_manifest(checkpoint_dir: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -148,11 +149,28 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return found[0] if found else None
 
 
-def newest_readable_state(run_uri: str) -> dict[str, Any] | None:
-    """The state of the newest checkpoint that loads (a half-copied one is skipped), or None."""
+def newest_readable(run_uri: str, log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
+    """(folder, state) of the newest checkpoint that loads, or None without any; each unreadable one
+    (cut short by a lost worker, or damaged) is skipped, saying so through ``log``.
+
+    Raises:
+        UnreadableCheckpoint: the run has checkpoints but none loads (starting over would overwrite the
+            run's config and metrics).
+    """
+    errors = []
     for uri in list_checkpoints(run_uri):
         try:
-            return load_state(uri)
+            return uri, load_state(uri)
         except UnreadableCheckpoint as e:
-            print(f"skipping: {e}", flush=True)
+            log(f"skipping: {e}")
+            errors.append(str(e))
+    if errors:
+        raise UnreadableCheckpoint(f"no checkpoint of {run_uri} loads, so it cannot resume: " + "; ".join(errors)
+                                   + " (move them away to start the run over)")
     return None
+
+
+def newest_readable_state(run_uri: str) -> dict[str, Any] | None:
+    """The state of :func:`newest_readable`, or None."""
+    found = newest_readable(run_uri, log=lambda m: print(m, flush=True))
+    return found[1] if found else None

@@ -308,8 +308,18 @@ def to_yaml(cfg: Any) -> str:
 
 
 def config_changes(saved_yaml: str, cfg: Any) -> list[str]:
-    """``key: old -> new`` for every dotted key where ``cfg`` differs from a saved config's YAML text."""
-    return _dict_changes(yaml.safe_load(saved_yaml) or {}, to_dict(cfg))
+    """``key: old -> new`` for every dotted key where ``cfg`` differs from a saved config's YAML text.
+
+    The saved config is resolved as ``cfg``'s class reads it first, so a value an older version wrote in
+    another form (``s2_band_order: eurosat`` for ``[eurosat]``) is no change; a file that no longer
+    resolves is compared as written.
+    """
+    saved = yaml.safe_load(saved_yaml) or {}
+    try:
+        saved = to_dict(build_config(type(cfg), saved))
+    except ConfigError:
+        pass
+    return _dict_changes(saved, to_dict(cfg))
 
 
 def _dict_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -140,3 +140,19 @@ def test_every_band_order_key_takes_a_preset_a_list_or_a_comma_string(cls_path, 
         assert order(build_config(cls, nest(value))) == tuple(thirteen)
     with pytest.raises(ConfigError, match="unknown Sentinel-2 band 'BXX'"):
         build_config(cls, overrides=[f"{key}=[B02,BXX]"])
+
+
+def test_a_config_saved_by_an_older_version_shows_only_real_changes():
+    """Old runs saved probe.s2_band_order as a string and teacher.layers as the tiny teacher's blocks:
+    a resume or rerun reported both as changed."""
+    from deo.config import config_changes
+    from deo.train.driver import resolve_teacher_layers
+
+    cfg = resolve_teacher_layers(build_config(PretrainConfig))
+    assert cfg.teacher.layers == [2, 3]  # empty: the tiny teacher's own [mid, last], written out
+    old = to_yaml(cfg).replace("s2_band_order:\n  - eurosat", "s2_band_order: eurosat")
+    assert "s2_band_order: eurosat" in old
+    assert config_changes(old, cfg) == []
+    assert config_changes(old.replace("gamma: 1.0", "gamma: 0.5"), cfg) == ["loss.gamma: 0.5 -> 1.0"]
+    base = resolve_teacher_layers(build_config(PretrainConfig, overrides=["teacher.name=vit_base_patch16_dinov3"]))
+    assert base.teacher.layers == [8, 11]

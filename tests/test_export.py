@@ -134,11 +134,12 @@ def test_gsd_of_the_training_tiles_is_recorded_from_the_manifest(tmp_path):
         {"kind": "s2_bands", "status": "ok", "gsd": 100.0, "tiles": 30},
         {"kind": "s2_bands", "status": "ok", "gsd": 900.0, "tiles": 20},
         {"kind": "s2_bands", "status": "failed", "gsd": 5.0, "tiles": 0},
+        {"kind": "s2_bands", "status": "partial", "gsd": 1000.0, "tiles": 5},  # its written tiles count
         {"kind": "aerial", "status": "ok", "gsd": 0.5, "tiles": 99},  # aerial-only rows are not trained
     ]}
     gsd, gsd_range = manifest_gsd(manifest)
-    assert gsd == {"ms": 100.0, "optical": 50.0}  # 45 of 90 tiles at <= 10 m: the 46th is at 100 m
-    assert gsd_range == {"ms": [10.0, 900.0], "optical": [5.0, 450.0]}
+    assert gsd == {"ms": 100.0, "optical": 50.0}  # 40 of 95 tiles at 10 m: the 48th is at 100 m
+    assert gsd_range == {"ms": [10.0, 1000.0], "optical": [5.0, 500.0]}
     assert manifest_gsd({"sources": []}) == ({}, {})
 
     # a checkpoint without gsd (older runs) takes it from the run's manifest copy, and the export keeps it

@@ -99,7 +99,8 @@ def _teacher(run_cfg: dict[str, Any], meta: dict[str, Any], device: torch.device
     from deo.models.dinov3 import build_teacher
     from deo.train.config import TeacherConfig
 
-    tcfg = TeacherConfig(**run_cfg["teacher"])
+    # the baseline reads the final [cls] only: the teacher's own blocks, whatever the run distilled
+    tcfg = dataclasses.replace(TeacherConfig(**run_cfg["teacher"]), layers=[])
     random_state = meta.get("optical_teacher")
     if not tcfg.weights and random_state is None:
         raise ValueError(

@@ -172,11 +172,16 @@ def _even_groups(tiles: list[int], limit: int) -> list[int]:
     return _fill(tiles, lo)
 
 
+STATS_VERSION = 2
+"""What a job summary's statistics count; jobs summarised under another version are done again. 2: the
+optical stats count what training reads (MS rows, with the S2 true colour where they have no optical)."""
+
+
 def _job_done(output: str, name: str) -> dict[str, Any] | None:
     """The summary of a job an earlier run completed, or None to (re)do it.
 
     A job in which a source failed to read is done again: the failure may have been transient, or the
-    file has been fixed since.
+    file has been fixed since. So is one whose statistics an older version counted otherwise.
     """
     path = storage.join(output, PARTS, name + ".json")
     if not storage.exists(path):
@@ -185,6 +190,8 @@ def _job_done(output: str, name: str) -> dict[str, Any] | None:
     if summary["rows"] and not storage.exists(storage.join(output, name + ".parquet")):
         return None
     if any(rec.get("error") for rec in summary["sources"].values()):
+        return None
+    if summary.get("stats_version") != STATS_VERSION:
         return None
     return summary
 
@@ -260,6 +267,7 @@ def run_job(job: dict[str, Any], cfg: IngestConfig, cache: RasterCache) -> dict[
         "ms_stats": maker.ms_stats.to_state(),
         "optical_stats": maker.optical_stats.to_state(),
         "sar_stats": maker.sar_stats.to_state(),
+        "stats_version": STATS_VERSION,
         "seconds": time.perf_counter() - start,
         "resumed": False,
         # peak RSS of the process that ran the job (a Ray worker or the plain loop), for the benchmark

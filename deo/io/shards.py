@@ -140,13 +140,13 @@ def manifest_gsd(manifest: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
     """Metres per pixel of the tiles training reads (rows with ``ms``), from a manifest's sources.
 
     Returns:
-        ``({modality: median}, {modality: [min, max]})`` over the MS tiles (the median weighted by tile
-        count) for ``ms`` and their optical tiles (the same extent at ``tile.optical_px``) for
-        ``optical``; both empty when the manifest records no S2 GSD.
+        ``({modality: median}, {modality: [min, max]})`` over the MS tiles of the ok and partial S2
+        sources (the median weighted by tile count) for ``ms`` and their optical tiles (the same extent
+        at ``tile.optical_px``) for ``optical``; both empty when the manifest records no S2 GSD.
     """
     tiles = sorted((float(s["gsd"]), int(s.get("tiles") or 0)) for s in manifest.get("sources", [])
-                   if s.get("kind", "").startswith("s2") and s.get("status") == "ok" and s.get("gsd")
-                   and s.get("tiles"))
+                   if s.get("kind", "").startswith("s2") and s.get("status") in ("ok", "partial")
+                   and s.get("gsd") and s.get("tiles"))
     if not tiles:
         return {}, {}
     half, seen = sum(n for _, n in tiles) / 2, 0

@@ -147,6 +147,12 @@ def build_dinov3_vit(name: str) -> Eva:
     return keep_input_dtype_in_layer_norms(vit)  # bf16 stays bf16 under autocast
 
 
+def teacher_depth(name: str) -> int:
+    """Number of blocks of the DINOv3 ViT ``name`` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        return len(build_dinov3_vit(name).blocks)
+
+
 def load_dinov3_weights(vit: Eva, uri: str) -> None:
     """Load ``uri`` (safetensors / timm state dict / Meta ``.pth``) into ``vit``; ValueError on mismatch."""
     state = read_state_dict(uri)

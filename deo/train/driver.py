@@ -85,10 +85,6 @@ def validate(cfg: PretrainConfig) -> ShardDataset:
         raise ConfigError(f"data={cfg.data}: {e}") from e
     if not shards.files:
         raise ConfigError(f"data={cfg.data}: manifest.json lists no Parquet shards")
-    try:
-        check_shard_files(shards.files, with_sar=cfg.model.sar)
-    except ValueError as e:
-        raise ConfigError(f"data={cfg.data}: {e}") from e
     if cfg.teacher.weights and not storage.exists(cfg.teacher.weights):
         raise ConfigError(f"teacher.weights={cfg.teacher.weights}: file not found")
     if cfg.model.init_from and not storage.exists(cfg.model.init_from):
@@ -96,6 +92,31 @@ def validate(cfg: PretrainConfig) -> ShardDataset:
     if cfg.probe.every and not storage.exists(cfg.probe.dataset):
         raise ConfigError(f"probe.dataset={cfg.probe.dataset!r}: not found (needed by probe.every)")
     return shards
+
+
+def validate_shard_files(cfg: PretrainConfig) -> None:
+    """Read every shard's footer before training starts (a damaged or foreign file is named here, not
+    on each worker in turn). Raises ConfigError."""
+    try:
+        check_shard_files(ShardDataset.open(cfg.data).files, with_sar=cfg.model.sar)
+    except ValueError as e:
+        raise ConfigError(f"data={cfg.data}: {e}") from e
+
+
+def resolve_teacher_layers(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with empty ``teacher.layers`` made the blocks they stand for, so the run's config.yaml
+    names them."""
+    import dataclasses
+
+    if cfg.teacher.layers:
+        return cfg
+    from deo.models.dinov3 import default_layers, teacher_depth
+
+    try:
+        layers = default_layers(teacher_depth(cfg.teacher.name))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, layers=layers))
 
 
 def finished_summary(run_uri: str, cfg: PretrainConfig) -> dict[str, Any] | None:
@@ -194,12 +215,13 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Validate, then train with Ray Train (resuming a run of the same name), and summarise."""
     ensure_default_data(cfg)
     validate(cfg)
-    cfg = absolute_paths(cfg)
+    cfg = resolve_teacher_layers(absolute_paths(cfg))
     run_uri = run_folder(cfg)
     done = finished_summary(run_uri, cfg)
     if done is not None:
         warn_if_config_changed(run_uri, cfg)
         return PretrainResult(run_uri, done, resumed_finished=True)
+    validate_shard_files(cfg)
     check_resumable(run_uri, cfg)
     if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in cfg.run.storage \
             and not cfg.run.storage.startswith("/"):

@@ -46,11 +46,18 @@ def _abs(uri: str) -> str:
 def base_config(cfg: PretrainConfig) -> dict[str, Any]:
     """The trials' common pretraining config (base YAML <- sweep overrides) with local paths made
     absolute on the driver: Tune runs each trial in its own working directory."""
-    from deo.train.driver import absolute_paths, ensure_default_data, validate
+    from deo.train.driver import (
+        absolute_paths,
+        ensure_default_data,
+        resolve_teacher_layers,
+        validate,
+        validate_shard_files,
+    )
 
     ensure_default_data(cfg)  # the default sweep on a fresh clone: ingest the committed samples once
     validate(cfg)  # fail here, naming the key, rather than in every trial
-    return to_dict(absolute_paths(cfg))
+    validate_shard_files(cfg)  # once, not per trial
+    return to_dict(resolve_teacher_layers(absolute_paths(cfg)))
 
 
 def trial_config(sweep: SweepConfig, base: dict[str, Any], params: dict[str, Any], trial_id: str

@@ -241,3 +241,14 @@ def test_without_optical_tiles_the_stats_count_the_true_colour_training_fills_in
     assert MultiCrop(ViewConfig(), m["stats"], true_colour_max=m["config"]["s2_optical_max"]).true_colour_max == 2500
     with pytest.raises(ValueError, match="stats.optical has no values.*re-ingest"):
         MultiCrop(ViewConfig(), {**m["stats"], "optical": {"mean": [None] * 3, "std": [None] * 3}})
+    # re-ingesting shards whose job summaries an older version wrote (optical stats counted otherwise,
+    # and no stats_version) redoes those jobs instead of reusing their stats
+    for part in (tmp_path / "out" / "_parts").glob("*.json"):
+        record = json.loads(part.read_text())
+        record.pop("stats_version")
+        record["optical_stats"] = {k: [0.0] * len(v) if isinstance(v, list) else 0
+                                   for k, v in record["optical_stats"].items()}
+        part.write_text(json.dumps(record))
+    run(tmp_path, [str(f) for f in files], s2_band_order="eurosat", s2_optical="false", s2_optical_max=2500)
+    again = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert again["stats"]["optical"] == m["stats"]["optical"]

@@ -155,7 +155,7 @@ def test_gsd_of_the_training_tiles_is_recorded_from_the_manifest(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
 def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before(tmp_path, capsys, damage):
     """What a worker lost mid-copy leaves: export/evaluate of the run fell over with torch's raw error."""
-    import os
+    import random
 
     from deo.train.checkpoint import UnreadableCheckpoint, load_state, newest_readable_state
 
@@ -163,8 +163,11 @@ def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before
     write_run(run, steps=(5, 10))
     state = tmp_path / "run" / "checkpoint_00000010" / "state.pt"
     size = state.stat().st_size
-    state.write_bytes({"truncate": state.read_bytes()[: size // 2], "random": os.urandom(4096),
-                       "empty": b""}[damage])
+    noise = [random.Random(seed).randbytes(4096) for seed in range(20)]  # the unpickler raises many kinds
+    for data in ({"truncate": [state.read_bytes()[: size // 2]], "random": noise, "empty": [b""]}[damage]):
+        state.write_bytes(data)
+        with pytest.raises(UnreadableCheckpoint, match=f"checkpoint {state} is unreadable"):
+            load_state(str(state.parent))
     with pytest.raises(UnreadableCheckpoint, match=f"checkpoint {state} is unreadable"):
         load_state(str(state.parent))
     assert newest_readable_state(run)["step"] == 5

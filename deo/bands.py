@@ -53,6 +53,12 @@ S2_TRUE_COLOUR: tuple[str, ...] = ("B04", "B03", "B02")
 S2_TRUE_COLOUR_MAX: int = 3000
 """Reflectance x 10000 mapped to 255 in the S2 true colour (0.3 reflectance; ingest's ``s2_optical_max``)."""
 
+
+def true_colour_max(stats: dict) -> float:
+    """The S2 true-colour stretch of a manifest's (or checkpoint's, export's) ``stats``: ingest records its
+    ``s2_optical_max`` beside the optical stats; older ones used :data:`S2_TRUE_COLOUR_MAX`."""
+    return float(stats.get("optical", {}).get("s2_true_colour_max", S2_TRUE_COLOUR_MAX))
+
 RGB_BANDS: tuple[str, ...] = ("R", "G", "B")
 """The optical branch input."""
 

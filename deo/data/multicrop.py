@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deo.bands import S2_TRUE_COLOUR_MAX
+from deo.bands import true_colour_max
 
 _RATIO = (3 / 4, 4 / 3)
 
@@ -64,12 +64,12 @@ class MultiCrop:
         stats: manifest ``stats``: ``{"ms": {"mean": [10], "std": [10]}, "optical": {"mean": [3], "std": [3]}}``
             in stored units (ms: reflectance x 10000, optical: 0-255), optionally ``"sar"`` (2, dB).
         seed: ``train.seed``.
-        true_colour_max: the shards' ``s2_optical_max``: the S2 true colour that fills in the optical
-            tile of a row without one (:func:`deo.data.loader.fill_true_colour`) is stretched as ingest's.
+
+    ``true_colour_max`` is the stretch of the S2 true colour that fills in the optical tile of a row
+    without one (:func:`deo.data.loader.fill_true_colour`): ingest's, from the stats.
     """
 
-    def __init__(self, views: Any, stats: dict[str, dict[str, list[float]]], seed: int = 0,
-                 true_colour_max: float = S2_TRUE_COLOUR_MAX) -> None:
+    def __init__(self, views: Any, stats: dict[str, dict[str, list[float]]], seed: int = 0) -> None:
         """Check the stats and remember the view layout."""
         stats = {"sar": SAR_DB_STATS, **stats}
         for key, n in (("ms", 10), ("optical", 3), ("sar", 2)):
@@ -83,7 +83,7 @@ class MultiCrop:
                 raise ValueError(f"stats.{key}.std must be > 0, got {st['std']}")
         self.v = views
         self.seed = seed
-        self.true_colour_max = float(true_colour_max)
+        self.true_colour_max = true_colour_max(stats)
         self.ms_mean = torch.tensor(stats["ms"]["mean"]).view(1, 10, 1, 1)
         self.ms_std = torch.tensor(stats["ms"]["std"]).view(1, 10, 1, 1)
         self.opt_mean = torch.tensor(stats["optical"]["mean"]).view(1, 3, 1, 1)

@@ -248,14 +248,15 @@ def load_images(
     return torch.cat(out)
 
 
-def s2_true_colour(ms: torch.Tensor) -> torch.Tensor:
+def s2_true_colour(ms: torch.Tensor, max_value: float = S2_TRUE_COLOUR_MAX) -> torch.Tensor:
     """RGB (B04, B03, B02) of DEO-ordered tiles in uint8 units, for the optical branch and figures.
 
     Args:
         ms: (N, 10, H, W) reflectance x 10000.
+        max_value: reflectance x 10000 mapped to 255 (:func:`deo.bands.true_colour_max` of the run's stats).
 
     Returns:
         (N, 3, H, W) float32 in [0, 255] (whole numbers).
     """
     rgb = ms[:, [DEO_BANDS.index(b) for b in ("B04", "B03", "B02")]]
-    return (rgb.float() * (255.0 / S2_TRUE_COLOUR_MAX)).clamp(0, 255).round()
+    return (rgb.float() * (255.0 / max_value)).clamp(0, 255).round()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deo.bands import true_colour_max
 from deo.eval.checkpoint import build_student_from_config, load_checkpoint_student
 from deo.eval.config import EvalConfig
 from deo.eval.datasets import (
@@ -134,7 +135,7 @@ def _pca_figure(cfg: EvalConfig, student: torch.nn.Module, stats: dict[str, Any]
     idx = picks[: cfg.pca_tiles]
     ms = torch.nn.functional.interpolate(test_x[idx], size=(cfg.pca_size,) * 2, mode="bilinear",
                                          antialias=True, align_corners=False)
-    rgb = s2_true_colour(ms)
+    rgb = s2_true_colour(ms, true_colour_max(stats))
 
     def patches(x: torch.Tensor, modality: str) -> torch.Tensor:
         fn = lambda b: student.forward_intermediates(  # noqa: E731
@@ -183,8 +184,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if branch not in meta["stats"]:
             raise ValueError(f"the checkpoint has no '{branch}' normalisation stats (has {sorted(meta['stats'])})")
         stats = meta["stats"][branch]
-        xtr = train_x if branch == data_mod else s2_true_colour(train_x)
-        xte = test_x if branch == data_mod else s2_true_colour(test_x)
+        stretch = true_colour_max(meta["stats"])  # the S2 true colour as the run's shards made it
+        xtr = train_x if branch == data_mod else s2_true_colour(train_x, stretch)
+        xte = test_x if branch == data_mod else s2_true_colour(test_x, stretch)
         for name, model in models:
             feats = [student_features(model, x, branch, stats, cfg.batch_size, device,
                                       progress=Progress(f"{name}/{branch} {part}", quiet=cfg.quiet))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deo.bands import true_colour_max
 from deo.eval.datasets import detect_modality, load_images, load_labelled_set, s2_true_colour
 from deo.eval.features import student_features
 from deo.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
@@ -69,7 +70,7 @@ class KnnProbe:
         if modality == "ms" and data_mod != "ms":
             raise ValueError(f"probe modality 'ms' needs a multispectral set; {ds.items[0]} looks like RGB")
         x = load_images(ds, data_mod, s2_band_order, image_size)
-        self.images = x if modality == data_mod else s2_true_colour(x)
+        self.images = x if modality == data_mod else s2_true_colour(x, true_colour_max(stats))
         train, test = stratified_split(ds.labels, test_fraction, seed)
         self.train_idx, self.test_idx = torch.from_numpy(train), torch.from_numpy(test)
         self.labels = torch.from_numpy(np.asarray(ds.labels))

@@ -362,7 +362,9 @@ def build_manifest(cfg: IngestConfig, plans: list[dict[str, Any]], skipped: list
         sources.append({"uri": s.uri, "kind": "input", "files": [s.uri], "status": s.status,
                         "reason": s.reason, "tiles": 0, "rejected": 0})
     bands = {"ms": list(DEO_BANDS), "optical": list(RGB_BANDS)}
-    stats = {"ms": ms.mean_std(), "optical": opt.mean_std()}
+    # the stretch travels with the optical stats (checkpoints and exports carry them), so training's
+    # fill-in and evaluation make the S2 true colour as ingest did
+    stats = {"ms": ms.mean_std(), "optical": {**opt.mean_std(), "s2_true_colour_max": cfg.s2_optical_max}}
     if cfg.sar:  # the shards have a `sar` column (VV, VH in dB; stats over its pixels, all valid)
         bands["sar"] = list(SAR_BANDS)
         stats["sar"] = sar.mean_std()

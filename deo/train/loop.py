@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from deo import dist
-from deo.bands import S2_TRUE_COLOUR_MAX
 from deo.config import config_changes, to_dict, to_yaml
 from deo.data.loader import ShardIndex, ShardLoader
 from deo.data.sampling import DataPosition, batches_left, lane_streams
@@ -163,8 +162,7 @@ def train(cfg: PretrainConfig, runtime: Runtime, run_uri: str) -> TrainSummary:
                                         else ""), flush=True)
     parallel.distribute(task, cfg.scaling.strategy, device)
     whole = parallel.WholeStudent(lambda: build_student(cfg.model, cfg.views.global_size).to(device))
-    augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed,
-                        true_colour_max=shards.manifest.get("config", {}).get("s2_optical_max", S2_TRUE_COLOUR_MAX))
+    augment = MultiCrop(cfg.views, stats=stats, seed=cfg.train.seed)
     optimizer = build_optimizer(task.trainable, cfg, device)  # after distribute: FSDP replaces parameters
     train_step = TrainStep(task, augment, optimizer, cfg, device)  # its fp16 scaler is checkpointed below
     schedules = Schedules.from_config(cfg.train)

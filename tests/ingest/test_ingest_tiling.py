@@ -238,7 +238,13 @@ def test_without_optical_tiles_the_stats_count_the_true_colour_training_fills_in
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     np.testing.assert_allclose(m["stats"]["optical"]["mean"], want.mean(1), rtol=1e-9)
     np.testing.assert_allclose(m["stats"]["optical"]["std"], want.std(1), rtol=1e-6)
-    assert MultiCrop(ViewConfig(), m["stats"], true_colour_max=m["config"]["s2_optical_max"]).true_colour_max == 2500
+    # the stretch travels with the stats: training's fill-in and evaluation's true colour use it
+    assert m["stats"]["optical"]["s2_true_colour_max"] == 2500
+    assert MultiCrop(ViewConfig(), m["stats"]).true_colour_max == 2500
+    from deo.bands import true_colour_max
+    from deo.eval.datasets import s2_true_colour
+
+    np.testing.assert_array_equal(s2_true_colour(ms, true_colour_max(m["stats"])).numpy().astype(np.uint8), filled)
     with pytest.raises(ValueError, match="stats.optical has no values.*re-ingest"):
         MultiCrop(ViewConfig(), {**m["stats"], "optical": {"mean": [None] * 3, "std": [None] * 3}})
     # re-ingesting shards whose job summaries an older version wrote (optical stats counted otherwise,

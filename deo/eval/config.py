@@ -23,7 +23,7 @@ class EvalConfig:
         ["eurosat"], help="band order of stacked S2 files: a preset (eurosat, s2_13, s2_l2a_12, deo), a list "
         "[B01,...,B8A] or a comma string B01,...,B8A",
     )
-    out: str = option("", help="output folder (empty: <run folder>/eval)")
+    out: str = option("", help="output folder (empty: <run folder>/eval/<dataset name>)")
     baselines: list[str] = option([], help="extra rows: random (random-init student), pixels (per-band mean/std), teacher (optical teacher)")
     branches: list[str] = option([], help="inputs to probe: ms, optical (empty: ms and optical (S2 true colour) on MS sets, optical on RGB sets)")
     test_fraction: float = option(0.2, help="test share of `dataset` per class")

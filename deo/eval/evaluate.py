@@ -148,6 +148,13 @@ def _pca_figure(cfg: EvalConfig, student: torch.nn.Module, stats: dict[str, Any]
     return uri
 
 
+def default_out(checkpoint: str, cfg: EvalConfig) -> str:
+    """``<run folder>/eval/<dataset name>``: evaluations on different sets keep their own reports."""
+    labelled = (cfg.dataset or cfg.train_set).rstrip("/")
+    name = labelled.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "dataset"
+    return storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval", name)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every probe and write ``report.json`` (and ``pca.png``) into ``cfg.out``.
 
@@ -162,7 +169,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     student, run_cfg, meta = load_checkpoint_student(cfg.checkpoint)
     student = student.to(device)
     ckpt = meta["checkpoint"]
-    out = cfg.out or storage.join(ckpt.rsplit("/", 1)[0] if "/" in ckpt else ".", "eval")
+    out = cfg.out or default_out(ckpt, cfg)
     train, test, source = load_sets(cfg)
     data_mod = detect_modality(train.items[0])
     read = lambda ds, part: load_images(  # noqa: E731

@@ -87,3 +87,14 @@ def test_evaluate_rejects_bad_input(shared_data, fake_run):  # noqa: F811
     with pytest.raises(ValueError, match="13 bands but s2_band_order lists 12"):
         evaluate(build_config(EvalConfig, overrides=[
             f"checkpoint={run}", f"dataset={shared_data / 'eurosat_ms'}", "s2_band_order=s2_l2a_12", "quiet=true"]))
+
+
+def test_reports_on_different_sets_go_to_their_own_folders():
+    """The default out was <run>/eval for every set: evaluating a second set overwrote the first report."""
+    from deo.eval.evaluate import default_out
+
+    ckpt = "runs/default/checkpoint_00000300"
+    for over, name in ((["dataset=../shared/data/eurosat_ms/"], "eurosat_ms"),
+                       (["dataset=data/samples/eurosat_probe.csv"], "eurosat_probe"),
+                       (["train_set=s3://b/sets/train.parquet", "test_set=s3://b/sets/test.parquet"], "train")):
+        assert default_out(ckpt, build_config(EvalConfig, overrides=over)) == f"runs/default/eval/{name}"

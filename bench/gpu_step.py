@@ -62,7 +62,7 @@ those caches (warm), except ref_compile_bundles (``--keep-caches``: no variant s
   paper_ckpt       swin_base student (ViT-B/16 teacher), activation checkpointing
   paper_nockpt     the same without checkpointing (may run out of memory: reported as oom)
   paper_graph      paper_nockpt with ``train.cuda_graph=true``
-  paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [17, 23], checkpointing, if time is left
+  paper_vitl_ckpt  swin_base + ViT-L/16 DINOv3 [15, 23], checkpointing, if time is left
 
     python bench/gpu_step.py --out $OUT/gpu.json           # H100: about 8 minutes (budget 560 s)
     python bench/gpu_step.py --smoke --out /tmp/smoke.json  # CPU, tiny sizes, same code, < 60 s

@@ -184,8 +184,7 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
                                   "lists are written key=[a,b]") from None
             if raw.strip().lower() in ("null", "none", "~"):
                 value = None
-        if _is_list_type(tp) and value is not None and not isinstance(value, list):
-            value = [value]  # a bare value is a one-item list
+        value = _bare_as_list(tp, value)
         if isinstance(value, list):
             value = [str(v) if not isinstance(v, int | float | bool) else v for v in value]
         node = tree
@@ -196,19 +195,24 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def _bare_values_as_lists(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``data`` with a bare value under a list-typed key made a one-item list, as on the command line
-    (``s2_band_order: eurosat`` is ``[eurosat]``)."""
-    keys = flat_keys(cls)
+def _bare_as_list(tp: Any, value: Any) -> Any:
+    """A bare value under a list-typed key is a one-item list (``s2_band_order=eurosat`` is ``[eurosat]``)."""
+    if _is_list_type(tp) and value is not None and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def _bare_values_as_lists(keys: dict[str, tuple[Any, str, Any]], data: dict[str, Any],
+                          prefix: str = "") -> dict[str, Any]:
+    """YAML ``data`` with :func:`_bare_as_list` applied under each key of ``keys`` (:func:`flat_keys`),
+    as on the command line."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = prefix + str(k)
         if isinstance(v, dict) and key not in keys:
-            out[k] = _bare_values_as_lists(cls, v, key + ".")
-        elif key in keys and _is_list_type(keys[key][0]) and v is not None and not isinstance(v, list):
-            out[k] = [v]
+            out[k] = _bare_values_as_lists(keys, v, key + ".")
         else:
-            out[k] = v
+            out[k] = _bare_as_list(keys[key][0], v) if key in keys else v
     return out
 
 
@@ -246,7 +250,7 @@ def build_config(
     layers = []
     if yaml_data:
         _check_keys(cls, yaml_data, source)
-        layers.append(OmegaConf.create(_bare_values_as_lists(cls, yaml_data)))
+        layers.append(OmegaConf.create(_bare_values_as_lists(flat_keys(cls), yaml_data)))
     cli = _parse_overrides(cls, overrides)
     if cli:
         _check_keys(cls, cli, "command line")

@@ -136,7 +136,8 @@ def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], 
     if missing:
         raise ValueError(f"{ckpt}/{STATE_FILE} lacks {missing}; it holds {sorted(state)}")
     cfg = state["config"]
-    manifest = _run_manifest(ckpt)
+    # the run's manifest copy, for what older checkpoints did not store
+    manifest = {} if state.get("stats") and state.get("gsd") else _run_manifest(ckpt)
     stats = state.get("stats") or manifest.get("stats")
     if not stats or "ms" not in stats:
         raise ValueError(
@@ -145,13 +146,14 @@ def load_checkpoint_student(uri: str) -> tuple[torch.nn.Module, dict[str, Any], 
         )
     student = build_student_from_config(cfg)
     _load(student, state["student"], ckpt)
+    gsd, gsd_range = (state["gsd"], state.get("gsd_range") or {}) if state.get("gsd") else manifest_gsd(manifest)
     meta = {
         "checkpoint": ckpt,
         "step": int(state["step"]),
         "stats": stats,
         "bands": bands_by_modality(state.get("bands"), student.modalities),
-        "gsd": state.get("gsd") or manifest_gsd(manifest)[0] or DEFAULT_GSD,
-        "gsd_range": state.get("gsd_range") or manifest_gsd(manifest)[1],
+        "gsd": gsd or DEFAULT_GSD,
+        "gsd_range": gsd_range,
         "weights_sha256": weights_sha256(state["student"]),
         "optical_teacher": state.get("optical_teacher"),
     }

@@ -187,11 +187,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         models.append(("random_init", build_student_from_config(run_cfg).eval().to(device)))
     results: dict[str, Any] = {}
+    stretch = true_colour_max(meta["stats"])  # the S2 true colour as the run's shards made it
     for branch in branches:
         if branch not in meta["stats"]:
             raise ValueError(f"the checkpoint has no '{branch}' normalisation stats (has {sorted(meta['stats'])})")
         stats = meta["stats"][branch]
-        stretch = true_colour_max(meta["stats"])  # the S2 true colour as the run's shards made it
         xtr = train_x if branch == data_mod else s2_true_colour(train_x, stretch)
         xte = test_x if branch == data_mod else s2_true_colour(test_x, stretch)
         for name, model in models:

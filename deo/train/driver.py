@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deo.bands import DEO_BANDS
-from deo.config import ConfigError, build_config, config_changes
+from deo.config import ConfigError, build_config, config_changes, read_yaml
 from deo.data.loader import check_shard_files
 from deo.io import storage
 from deo.io.shards import ShardDataset
@@ -135,8 +135,6 @@ def check_resumable(run_uri: str, cfg: PretrainConfig) -> None:
     Raises:
         ConfigError: the run has a checkpoint and ``cfg`` changes its :func:`parameter_layout`.
     """
-    import yaml
-
     from deo.train.checkpoint import latest_checkpoint
     from deo.train.task import parameter_layout
 
@@ -144,7 +142,7 @@ def check_resumable(run_uri: str, cfg: PretrainConfig) -> None:
     if not storage.exists(uri) or latest_checkpoint(run_uri) is None:
         return
     try:
-        saved = build_config(PretrainConfig, yaml.safe_load(storage.read_text(uri)) or {}, source=uri)
+        saved = build_config(PretrainConfig, read_yaml(uri), source=uri)
     except ConfigError:
         return  # written by another deo version: the loop reports what does not load
     old, new = parameter_layout(saved), parameter_layout(cfg)

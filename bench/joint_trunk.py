@@ -38,7 +38,7 @@ def joint_trunk_forward(
     mid = len(student.stage_dims) - 2
     glob = torch.cat([student.embed(g.flatten(0, 1), "ms"),
                       student.embed(views["opt_global"].flatten(0, 1), "optical")])  # (2 Ng, h, w, C)
-    final_g, taken = student.stages_of_tokens(glob, [mid])
+    final_g, taken = student.stages_of_tokens(glob, [mid, mid + 1])
     local = torch.cat([student.embed(loc.flatten(0, 1), "ms"),
                        student.embed(views["opt_local"].flatten(0, 1), "optical")])  # (2 Nl, h, w, C)
     final_l, _ = student.stages_of_tokens(local, [mid])  # (stage 3 unused here)
@@ -47,7 +47,7 @@ def joint_trunk_forward(
     out = {"s_ms": self.head_ms(pooled_ms).view(-1, b, self.head_ms.mlp[-1].out_features)}
     pooled_o = torch.cat([final_o.mean(dim=(1, 2)), final_l[nl:].mean(dim=(1, 2))])
     out["s_cls"] = self.head_cls(pooled_o).view(-1, b, self.head_cls.mlp[-1].out_features)
-    out["s_pF"] = _to_grid(self.head_pF(final_o), teacher_grid).view(
+    out["s_pF"] = _to_grid(self.head_pF(taken[mid + 1][ng:]), teacher_grid).view(
         vg, b, -1, self.head_pF.mlp[-1].out_features)
     out["s_pmid"] = _to_grid(self.head_pmid(taken[mid][ng:]), teacher_grid).view(
         vg, b, -1, self.head_pmid.mlp[-1].out_features)

@@ -18,6 +18,10 @@ class CodingRateLoss(nn.Module):
     must hold the same local batch size. Computed in float32 with autocast off (under bf16 the Cholesky
     factorisation fails); logdet = 2 sum log diag(cholesky(.)).
 
+    Gradient accumulation: the rows of a step's other micro-batches enter as ``other_cov`` (their
+    Z^T Z, without graph) and ``other_rows``, so R is that of the whole step's batch and the gradient
+    w.r.t. this micro-batch's rows is exactly that of R over the whole batch.
+
     Plain loop it replaces (one process)::
 
         for v in range(V_g):
@@ -43,14 +47,25 @@ class CodingRateLoss(nn.Module):
         self.eps = eps
         self.gather_distributed = gather_distributed
 
+    @staticmethod
+    def covariance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """(V_g, B, d) student and teacher embeddings -> (V_g, d, d) float32 Z^T Z, Z = (s + t) / 2 (this rank)."""
+        with torch.autocast(student.device.type, enabled=False):
+            z = (student.float() + teacher.float()) / 2  # (V_g, B, d)
+            return z.transpose(1, 2) @ z
+
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor
+        self, student: torch.Tensor, teacher: torch.Tensor, other_cov: torch.Tensor | None = None,
+        other_rows: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """R of the global views.
 
         Args:
             student: (V_g, B, d) student embeddings of the global views (this rank's rows).
             teacher: (V_g, B, d) EMA-teacher embeddings of the same views.
+            other_cov: (V_g, d, d) :meth:`covariance` of this rank's other rows of the step (the other
+                micro-batches under gradient accumulation), treated as constants; None: no other rows.
+            other_rows: how many rows ``other_cov`` sums over.
 
         Returns:
             (R, {"coding_rate": detached R}); R is maximised (the task subtracts gamma R).
@@ -64,15 +79,18 @@ class CodingRateLoss(nn.Module):
                 "gather_distributed=True but no torch.distributed process group is initialised; "
                 "init_process_group first or pass gather_distributed=False"
             )
+        vg, n, d = student.shape
+        if other_cov is not None and tuple(other_cov.shape) != (vg, d, d):
+            raise ValueError(f"other_cov must be (V_g, d, d) = {(vg, d, d)}, got {tuple(other_cov.shape)}")
         with torch.autocast(student.device.type, enabled=False):
-            z = (student.float() + teacher.float()) / 2  # (V_g, B, d)
-            cov = z.transpose(1, 2) @ z  # (V_g, d, d)
-            n = z.shape[1]
+            cov = self.covariance(student, teacher)  # (V_g, d, d)
+            if other_cov is not None:
+                cov = cov + other_cov.detach().float()
+                n = n + other_rows
             if self.gather_distributed:
                 cov = dist.all_reduce_sum(cov)
                 n = n * dist.get_world_size()
-            d = z.shape[2]
-            eye = torch.eye(d, device=z.device, dtype=z.dtype)
+            eye = torch.eye(d, device=cov.device, dtype=cov.dtype)
             m = eye + (d / (n * self.eps)) * cov
             # cholesky_ex: no host sync, and a non-PD (NaN) input yields a NaN R that the task reports by name
             chol, _ = torch.linalg.cholesky_ex(m)

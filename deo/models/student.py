@@ -180,7 +180,9 @@ def build_student(model_cfg: Any, img_size: int = 224) -> DEOStudent:
     embeds = nn.ModuleDict(
         {"ms": make_patch_embed(len(MODALITY_BANDS["ms"]), dim, patch, size), "optical": optical}
     )
-    if model_cfg.ms_embed_init == "spectral":
+    # spectral transfers pretrained RGB kernels; from a random RGB kernel it would only give 7 of the 10
+    # bands one shared kernel, so without rgb_weights the MS embedding keeps its own random init
+    if model_cfg.ms_embed_init == "spectral" and model_cfg.rgb_weights:
         init_ms_from_rgb(embeds["ms"], optical)
     if model_cfg.sar:
         embeds["sar"] = make_patch_embed(len(MODALITY_BANDS["sar"]), dim, patch, size)

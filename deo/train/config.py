@@ -41,12 +41,17 @@ class TrainConfig:
 
     max_steps: int = option(300, help="optimizer steps in total")
     batch_size: int = option(16, help="GLOBAL batch (samples per step over all workers)")
-    lr: float = option(5e-4, help="peak AdamW learning rate (per-iteration cosine after warmup)")
+    lr: float = option(5e-4, help="peak AdamW learning rate (per-iteration cosine after warmup); see lr_reference_batch")
+    lr_reference_batch: int = option(
+        0, help="0: train.lr is the peak rate. N > 0: train.lr is given for a global batch of N, and the peak is "
+        "lr x batch_size / N (the linear scaling rule; DINO and the public DEO code use 256)"
+    )
     min_lr: float = option(1e-6, help="final learning rate")
     warmup_steps: int = option(20, help="linear LR warmup steps")
     weight_decay: float = option(0.04, help="initial weight decay (cosine to weight_decay_end)")
-    weight_decay_end: float = option(0.2, help="final weight decay")
-    ema_momentum: float = option(0.992, help="initial EMA teacher momentum (cosine to ema_momentum_end)")
+    weight_decay_end: float = option(0.4, help="final weight decay (0.4: DINO and the public DEO code)")
+    ema_momentum: float = option(0.996, help="initial EMA teacher momentum, cosine to ema_momentum_end "
+                                 "(0.996: DINO and the public DEO code)")
     ema_momentum_end: float = option(1.0, help="final EMA teacher momentum")
     clip_grad: float = option(3.0, help="total-norm gradient clipping (0: off)")
     grad_accum: int = option(1, help="gradient accumulation micro-steps per optimizer step")
@@ -100,6 +105,11 @@ class TrainConfig:
         ``cuda_graph`` is the other, whole-step form."""
         return self.compile and self.compile_mode in CUDA_GRAPH_MODES
 
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate: ``lr``, scaled by ``batch_size / lr_reference_batch`` when that is set."""
+        return self.lr * self.batch_size / self.lr_reference_batch if self.lr_reference_batch else self.lr
+
     def __post_init__(self) -> None:
         if self.data_order not in ("lanes", "global"):
             raise ValueError(f"train.data_order must be lanes or global, got {self.data_order!r}")
@@ -112,6 +122,9 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr_reference_batch < 0:
+            raise ValueError(f"train.lr_reference_batch must be >= 0 (0: train.lr is the peak rate), got "
+                             f"{self.lr_reference_batch}")
         if self.cuda_graph:
             why = {
                 "train.grad_accum > 1": self.grad_accum > 1,
@@ -176,7 +189,8 @@ class ModelConfig:
     )
     rgb_weights: str = option("", help="ImageNet-style timm Swin weights (path/URI) for the RGB patch embed and stages")
     ms_embed_init: str = option(
-        "spectral", help="MS patch-embed init: spectral (copy RGB kernels to the nearest bands, mean elsewhere) or random"
+        "spectral", help="MS patch-embed init: spectral (with pretrained RGB weights, from model.rgb_weights or a timm "
+        "model.init_from: copy the RGB kernels to the nearest bands, their mean elsewhere; random otherwise) or random"
     )
     head_hidden: int = option(2048, help="head_ms MLP hidden width")
     head_out: int = option(256, help="head_ms output width d")

@@ -63,7 +63,7 @@ def build_optimizer(trainable: torch.nn.Module, cfg: PretrainConfig, device: tor
         {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
     ]
     fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.train.peak_lr, betas=(0.9, 0.999), fused=fused)
 
 
 def configure_models(student: torch.nn.Module, cfg: PretrainConfig, backend: str = "inductor",

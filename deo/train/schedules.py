@@ -43,7 +43,7 @@ class Schedules:
         """Build all three schedules for ``train.max_steps`` steps."""
         steps = train.max_steps
         return cls(
-            lr=cosine_schedule(train.lr, train.min_lr, steps, train.warmup_steps),
+            lr=cosine_schedule(train.peak_lr, train.min_lr, steps, train.warmup_steps),
             weight_decay=cosine_schedule(train.weight_decay, train.weight_decay_end, steps),
             momentum=cosine_schedule(train.ema_momentum, train.ema_momentum_end, steps),
         )

@@ -54,7 +54,8 @@ class TrainStep:
         cfg: the ``PretrainConfig``.
         device: where the step runs.
         mark: called with a phase label after each phase of an eager step (``h2d``, ``augment``,
-            ``student_fwd``, ``backward``, ``optimizer_ema``); the benchmarks pass their clock.
+            ``first_pass`` under gradient accumulation, ``student_fwd``, ``backward``, ``optimizer_ema``);
+            the benchmarks pass their clock.
 
     Raises:
         ValueError: ``train.cuda_graph`` off a CUDA device, or with more than one worker.
@@ -131,15 +132,31 @@ class TrainStep:
         micro = len(ids) // accum
         sums: dict[str, torch.Tensor] = {}
         task.train()
-        for m in range(accum):
+
+        def views_of(m: int) -> dict[str, torch.Tensor]:
             part = slice(m * micro, (m + 1) * micro)
-            views = self.augment(batch["ms"][part], optical[part], ids[part], epoch, batch["ms_gsd"][part],
-                                 sar=batch["sar"][part] if cfg.model.sar else None)
+            return self.augment(batch["ms"][part], optical[part], ids[part], epoch, batch["ms_gsd"][part],
+                                sar=batch["sar"][part] if cfg.model.sar else None)
+
+        # R covers the whole step's batch: a first pass gives each micro-batch the others' Z^T Z
+        shares: list[Any] = [None] * accum
+        micro_views = None
+        if accum > 1 and cfg.loss.gamma > 0:
+            micro_views = [views_of(m) for m in range(accum)]
             self.mark("augment")
+            with self._autocast():
+                shares = task.share_micro_batches(micro_views)
+            self.mark("first_pass")
+        for m in range(accum):
+            if micro_views is None:
+                views = views_of(m)
+                self.mark("augment")
+            else:
+                views = micro_views[m]
             with parallel.no_grad_sync(task.trainable, skip=m < accum - 1):
                 # the warm-up before a capture autocasts as the capture does: compiled regions see one state
                 with self._autocast(cache_enabled=self.graph is None):
-                    losses = task(views, step)
+                    losses = task(views, step, shares[m])
                 self.mark("student_fwd")
                 self.scaler.scale(losses["loss"] / accum).backward()
                 self.mark("backward")

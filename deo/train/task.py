@@ -13,6 +13,7 @@ A weight of 0 skips its term's computation (and its head's forward).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,39 @@ from deo.models.heads import MLPHead
 from deo.models.student import DEOStudent, build_student
 from deo.train.parallel import unwrap
 from deo.train.side_stream import SideStream
+
+
+@dataclass
+class MicroBatchShare:
+    """What one micro-batch of a ``train.grad_accum`` > 1 step takes from the step's first pass
+    (:meth:`DEOTask.share_micro_batches`), so that R covers the whole step's batch (DESIGN: the GLOBAL batch).
+
+    Attributes:
+        teachers: this micro-batch's teacher outputs (:meth:`DEOTask._teachers`), computed once.
+        other_cov: (V_g, d, d) float32 Z^T Z of this rank's other micro-batches of the step (no graph).
+        other_rows: how many rows ``other_cov`` sums over.
+        micro_steps: micro-batches per optimizer step.
+        rng_states: the CPU (and CUDA) generator states before the first pass ran this micro-batch's
+            student: the second pass restores them, so stochastic depth drops the same blocks and this
+            micro-batch's Z is the one the other micro-batches counted.
+    """
+
+    teachers: dict[str, torch.Tensor]
+    other_cov: torch.Tensor
+    other_rows: int
+    micro_steps: int
+    rng_states: tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state and, on CUDA, the device generator's (stochastic depth draws there)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 class MSBranch(nn.Module):
@@ -125,6 +159,7 @@ class DEOTrainable(nn.Module):
         views: dict[str, torch.Tensor],
         teacher_grid: tuple[int, int] = (0, 0),
         partner_tokens: torch.Tensor | None = None,
+        ms_global_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Student outputs for every term in use.
 
@@ -135,6 +170,9 @@ class DEOTrainable(nn.Module):
             teacher_grid: DINOv3 patch grid (h, w) of the optical global views.
             partner_tokens: continual pretraining: the frozen domain teacher F's final tokens
                 (V_g*B, h, w, C) of the sensor-B global views, used for v^B instead of the student's.
+            ms_global_only: return ``s_ms`` of the global views only, (V_g, B, d) (what the coding rate
+                reads; :meth:`DEOTask.share_micro_batches`). The student runs them first either way, so
+                both forms draw the same stochastic-depth masks from the same generator state.
 
         Returns:
             ``s_ms`` (V, B, d); ``s_cls`` (V, B, D_t); ``s_pF``, ``s_pmid`` (V_g, B, N_t, D_t); ``va``,
@@ -144,6 +182,8 @@ class DEOTrainable(nn.Module):
         vg, b = g.shape[:2]
         out: dict[str, torch.Tensor] = {}
         tok_g, pool_g = self._ms_embed(g)
+        if ms_global_only:
+            return {"s_ms": self.head_ms(pool_g).view(vg, b, -1)}
         tok_l, pool_l = self._ms_embed(loc)
         pooled = torch.cat([pool_g, pool_l])  # (V*B, C), global views first
         out["s_ms"] = self.head_ms(pooled).view(-1, b, self.head_ms.mlp[-1].out_features)
@@ -151,7 +191,10 @@ class DEOTrainable(nn.Module):
             out["gsd"] = self.head_gsd(pooled).view(-1, b)
         if self.runs_embedding["optical"]:
             og = views["opt_global"].flatten(0, 1)
-            final, stages = self.student.stages(og, "optical", [len(self.student.stage_dims) - 2])
+            last = len(self.student.stage_dims) - 1
+            # the patch heads read stages 3 and 4 as they leave their blocks, before the final norm (as
+            # the public DEO code); the pooled [cls] feature and MSAD read the normalised final tokens
+            final, stages = self.student.stages(og, "optical", [last - 1, last])
             if self.use["cls"]:
                 pooled_o = [final.mean(dim=(1, 2))]
                 if "opt_local" in views:
@@ -163,12 +206,11 @@ class DEOTrainable(nn.Module):
                 )
             # heads on the student grid, then resampled: the MLP runs on 4x fewer tokens than after resampling
             if self.use["pF"]:
-                out["s_pF"] = _to_grid(self.head_pF(final), teacher_grid).view(
+                out["s_pF"] = _to_grid(self.head_pF(stages[last]), teacher_grid).view(
                     vg, b, -1, self.head_pF.mlp[-1].out_features
                 )
             if self.use["pmid"]:
-                mid = next(iter(stages.values()))
-                out["s_pmid"] = _to_grid(self.head_pmid(mid), teacher_grid).view(
+                out["s_pmid"] = _to_grid(self.head_pmid(stages[last - 1]), teacher_grid).view(
                     vg, b, -1, self.head_pmid.mlp[-1].out_features
                 )
             opt_final = final
@@ -284,13 +326,49 @@ class DEOTask(nn.Module):
         h, w = views["opt_global"].shape[-2:]
         return (h // self.teacher.patch_size, w // self.teacher.patch_size)
 
-    def forward(self, views: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def share_micro_batches(self, micro_views: list[dict[str, torch.Tensor]]) -> list[MicroBatchShare]:
+        """The first pass of a gradient-accumulated step: each micro-batch's teacher outputs and Z^T Z.
+
+        Runs the teachers and the student's MS global views (without graph) on every micro-batch, so
+        that each micro-step's R (:meth:`forward` with its share) covers the whole step's batch and its
+        gradient is the one of R over that batch. Costs one more student forward of the MS global
+        views per micro-batch; the teachers run once, here.
+
+        Args:
+            micro_views: the step's micro-batches' views (see :meth:`DEOTrainable.forward`), all of one size.
+
+        Returns:
+            One :class:`MicroBatchShare` per micro-batch, in order.
+        """
+        device = micro_views[0]["ms_global"].device
+        teachers, covs, rngs = [], [], []
+        for views in micro_views:
+            t = self._teachers(views)
+            rngs.append(_rng_states(device))
+            s = self.trainable(views, ms_global_only=True)["s_ms"]
+            covs.append(self.coding_rate.covariance(s, t["t_ms"]))
+            teachers.append(t)
+        rows = micro_views[0]["ms_global"].shape[1]
+        k = len(micro_views)
+        return [
+            MicroBatchShare(t, sum(c for j, c in enumerate(covs) if j != i), rows * (k - 1), k, rng)
+            for i, (t, rng) in enumerate(zip(teachers, rngs, strict=True))
+        ]
+
+    def forward(self, views: dict[str, torch.Tensor], step: int,
+                share: MicroBatchShare | None = None) -> dict[str, torch.Tensor]:
         """Compute every loss term of one step.
 
         Args:
             views: augmented, normalised views (see :meth:`DEOTrainable.forward`), plus ``gsd_global``
                 (V_g, B) and ``gsd_local`` (V_l, B) target GSDs in metres when ``loss.gsd_weight`` > 0.
             step: optimizer step (for error messages).
+            share: under gradient accumulation, this micro-batch's :class:`MicroBatchShare`: the
+                teachers are not run again and R covers the step's whole batch. ``loss`` then carries
+                R's gradient ``micro_steps`` times (its value is unchanged), because the step divides
+                each micro-step's loss by ``micro_steps`` while R's gradient w.r.t. these rows is already
+                the whole batch's.
 
         Returns:
             ``loss`` (scalar with graph) and each term's detached value.
@@ -299,8 +377,11 @@ class DEOTask(nn.Module):
             FloatingPointError: a term is NaN or Inf (names the term, step and rank).
         """
         loss_cfg = self.cfg.loss
-        # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
-        t = self.teacher_stream.fork(self._teachers, views)
+        if share is not None:
+            t = share.teachers
+            _set_rng_states(share.rng_states, views["ms_global"].device)
+        else:  # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
+            t = self.teacher_stream.fork(self._teachers, views)
         try:
             if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
                 self.teacher_stream.join()
@@ -312,7 +393,11 @@ class DEOTask(nn.Module):
         total = -c
         logs = dict(parts)
         if loss_cfg.gamma > 0:
-            r, p = self.coding_rate(s["s_ms"][:vg], t["t_ms"])
+            if share is None:
+                r, p = self.coding_rate(s["s_ms"][:vg], t["t_ms"])
+            else:
+                r, p = self.coding_rate(s["s_ms"][:vg], t["t_ms"], share.other_cov, share.other_rows)
+                r = r + (share.micro_steps - 1) * (r - r.detach())  # same value, micro_steps x the gradient
             total = total - loss_cfg.gamma * r
             logs.update(p)
         if self.optical is not None:

@@ -76,3 +76,28 @@ def test_coding_rate_two_gloo_processes_equal_one_process():
         torch.testing.assert_close(r, r1.detach(), rtol=1e-5, atol=1e-6)
         # each rank's gradient is world x the single-process one (DDP then averages over ranks)
         torch.testing.assert_close(grad / 2, single.grad[:, rank * 5 : (rank + 1) * 5], rtol=1e-4, atol=1e-6)
+
+
+def test_other_micro_batches_make_r_that_of_the_whole_batch():
+    """Gradient accumulation: rows of the other micro-batches, given as their Z^T Z, give R of the whole
+    batch, and the gradient w.r.t. this micro-batch's rows is the whole batch's."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 12, 6, generator=g)
+    t = torch.randn(2, 12, 6, generator=g)
+    whole = s.clone().requires_grad_(True)
+    r_whole, _ = CodingRateLoss(0.05)(whole, t)
+    r_whole.backward()
+    loss = CodingRateLoss(0.05)
+    own = s[:, :4].clone().requires_grad_(True)
+    other = loss.covariance(s[:, 4:], t[:, 4:])
+    r, parts = loss(own, t[:, :4], other, 8)
+    r.backward()
+    torch.testing.assert_close(r, r_whole.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["coding_rate"], r_whole.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own.grad, whole.grad[:, :4], rtol=1e-4, atol=1e-7)
+    # this micro-batch alone is a different (smaller-batch) R
+    alone, _ = loss(s[:, :4], t[:, :4])
+    alone = alone.detach()
+    assert abs(float(alone) - float(r_whole)) > 1e-2
+    with pytest.raises(ValueError, match="other_cov must be"):
+        loss(own, t[:, :4], other[:, :3], 8)

@@ -61,12 +61,17 @@ def test_adaptive_window_equals_timm_built_for_local_size():
     torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), rtol=1e-3, atol=1e-4)
 
 
-def test_spectral_init_copies_rgb_kernels():
-    s = build_student(ModelConfig(), img_size=64)
+def test_spectral_init_copies_pretrained_rgb_kernels(tmp_path):
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": build_swin("swin_deo_tiny", 64).state_dict()}, path)
+    s = build_student(ModelConfig(rgb_weights=str(path)), img_size=64)
     w_ms, w_rgb = s.embeds["ms"].proj.weight, s.embeds["optical"].proj.weight
     for c, band in enumerate(("B04", "B03", "B02")):
         torch.testing.assert_close(w_ms[:, DEO_BANDS.index(band)], w_rgb[:, c] * 0.3)
     torch.testing.assert_close(w_ms[:, DEO_BANDS.index("B08")], w_rgb.mean(1) * 0.3)
+    # without pretrained RGB weights there is nothing to transfer: each band keeps its own random kernel
+    w = build_student(ModelConfig(), img_size=64).embeds["ms"].proj.weight
+    assert not torch.allclose(w[:, DEO_BANDS.index("B08")], w[:, DEO_BANDS.index("B11")])
 
 
 def test_rgb_weights_load_into_optical_embed_and_stages(tmp_path):
@@ -163,6 +168,7 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
     """One gather for shift + partition and one addcmul per residual: same values and gradients."""
     from deo.models.swin_window import AdaptiveWindowBlock
 
+    torch.manual_seed(0)  # weights and input: the test must not depend on what ran before it
     swin = build_swin("swin_deo_tiny", 64, drop_path=0.6)
     swin.train()
     stage = swin.layers[2]  # 4 blocks, plain and shifted, drop rates 0.27-0.4
@@ -183,7 +189,10 @@ def test_fused_block_equals_timm_ops_forward_and_backward(grid):
     torch.testing.assert_close(y_f, y_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_f, gx_t, rtol=1e-4, atol=1e-5)
     for n in gp_t:
-        torch.testing.assert_close(gp_f[n], gp_t[n], rtol=1e-4, atol=1e-5, msg=n)
+        # float32 sums over 8 x grid^2 tokens in another order: errors scale with the gradient's size
+        # (measured up to 6e-5 on gradients of about 150, over 30 seeds)
+        atol = 1e-6 * float(gp_t[n].abs().max())
+        torch.testing.assert_close(gp_f[n], gp_t[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
     # the draws dropped branches (the addcmul's zero scale is exercised): unlike the no-drop output
     with torch.no_grad():
         assert not torch.allclose(y_f, stage.eval()(x), atol=1e-3)

@@ -25,3 +25,13 @@ def test_schedules_follow_config_and_resume_at_step():
     assert s.at(49)[2] == pytest.approx(cfg.train.ema_momentum_end)
     again = Schedules.from_config(cfg.train)  # rebuilt on resume: identical values
     assert again.at(17) == s.at(17)
+
+
+def test_lr_reference_batch_scales_the_peak_linearly():
+    """train.lr_reference_batch=256 reads train.lr as the public DEO code does: the rate for 256 samples."""
+    base = ["train.max_steps=50", "train.lr=5e-4", "train.warmup_steps=0", "train.batch_size=1024"]
+    scaled = build_config(PretrainConfig, overrides=[*base, "train.lr_reference_batch=256"])
+    assert Schedules.from_config(scaled.train).at(0)[0] == pytest.approx(2e-3)
+    assert Schedules.from_config(build_config(PretrainConfig, overrides=base).train).at(0)[0] == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="lr_reference_batch must be >= 0"):
+        build_config(PretrainConfig, overrides=[*base, "train.lr_reference_batch=-1"])

@@ -5,6 +5,7 @@ the recorded function (``TrainStep.graph_body``) runs eagerly and is compared wi
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,54 @@ def test_recorded_step_run_eagerly_equals_the_eager_step(sample_shards):
     # the optimizer's groups look as before the step (a checkpoint records floats, not device tensors)
     assert all(isinstance(g["lr"], float) and not g.get("capturable") for g in graphed.optimizer.param_groups)
     assert all(g["apply_wd"] or g["weight_decay"] == 0.0 for g in graphed.optimizer.param_groups)
+
+
+def test_accumulated_step_trains_as_one_step_over_the_whole_batch(sample_shards):
+    """train.grad_accum=2 takes the gradient of grad_accum=1 on the same batch: every term is a mean over
+    the batch except the coding rate, whose covariance spans the whole batch (DESIGN: R over the GLOBAL
+    batch) through the first pass. No stochastic depth: its masks are drawn per micro-batch, so they
+    differ between the two."""
+    stats = ShardDataset.open(str(sample_shards)).stats
+    (batch, ids), = shard_batches(str(sample_shards), 8, 1)
+    losses, grads = {}, {}
+    for accum in (1, 2):
+        step = _build(build_config(PretrainConfig, overrides=[*TINY, "model.drop_path=0", "train.batch_size=8",
+                                                              f"train.grad_accum={accum}"]), stats)
+        step_optimizer = step.optimizer.step
+
+        def record_gradients(*args, step=step, step_optimizer=step_optimizer, accum=accum, **kwargs):
+            grads[accum] = [p.grad.clone() for p in step.task.trainable.parameters() if p.grad is not None]
+            return step_optimizer(*args, **kwargs)
+
+        step.optimizer.step = record_gradients
+        losses[accum] = step(batch, ids, 0, 0, SCHEDULES[0])
+    for k in losses[1]:
+        torch.testing.assert_close(losses[2][k], losses[1][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    apart = sum(float((a - b).square().sum()) for a, b in zip(grads[2], grads[1], strict=True))
+    norm = sum(float(b.square().sum()) for b in grads[1])
+    # measured 1.4e-5; R per micro-batch (the code before the first pass) gives 0.028
+    assert (apart / norm) ** 0.5 < 1e-3
+
+
+def test_second_pass_draws_the_first_pass_stochastic_depth(sample_shards):
+    """With stochastic depth, each micro-step's R must still be the whole batch's: the second pass
+    restores the generator so its Z equals the Z the other micro-batches counted (else the micro-steps'
+    R differ)."""
+    cfg = build_config(PretrainConfig, overrides=[*TINY, "model.drop_path=0.5", "train.batch_size=8",
+                                                  "train.grad_accum=2"])
+    stats = ShardDataset.open(str(sample_shards)).stats
+    (batch, ids), = shard_batches(str(sample_shards), 8, 1)
+    step = _build(cfg, stats)
+    step.task.train()
+    micro_views = [step.augment(batch["ms"][p], batch["optical"][p], ids[p], 0, batch["ms_gsd"][p])
+                   for p in (slice(0, 4), slice(4, 8))]
+    shares = step.task.share_micro_batches(micro_views)
+    r = [float(step.task(views, 0, share)["coding_rate"]) for views, share in zip(micro_views, shares, strict=True)]
+    assert r[0] == pytest.approx(r[1], rel=1e-5)
+    # what the check catches: the generator as it stands (no replay of the first pass's draws)
+    unrestored = [float(step.task(views, 0, replace(share, rng_states=(torch.get_rng_state(), None)))["coding_rate"])
+                  for views, share in zip(micro_views, shares, strict=True)]
+    assert abs(unrestored[0] - unrestored[1]) > 1e-4
 
 
 def test_recorded_step_never_reads_a_device_value_on_the_host(sample_shards):

@@ -130,6 +130,28 @@ def test_token_path_shapes_and_zero_weights_skip(views):
 
 
 @pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_patch_heads_read_stages_before_the_final_norm_and_cls_after(views):
+    """As the public DEO code: head_pF and head_pmid read stages 4 and 3 as they leave their blocks;
+    head_cls reads the pooled, normalised final tokens."""
+    task = DEOTask(_cfg())
+    t = task.trainable.eval()
+    s = t(views, task.teacher_grid(views))
+    student = t.student
+    og = views["opt_global"].flatten(0, 1)
+    final, raw = student.stages(og, "optical", [2, 3])
+    grid = task.teacher_grid(views)
+
+    def on_grid(head, tokens):
+        x = torch.nn.functional.interpolate(head(tokens).permute(0, 3, 1, 2), size=grid, mode="bilinear")
+        return x.flatten(2).transpose(1, 2).reshape(s["s_pF"].shape)
+
+    torch.testing.assert_close(s["s_pF"], on_grid(t.head_pF, raw[3]))
+    torch.testing.assert_close(s["s_pmid"], on_grid(t.head_pmid, raw[2]))
+    assert not torch.allclose(s["s_pF"], on_grid(t.head_pF, final), atol=1e-3)  # the normalised tokens differ
+    torch.testing.assert_close(s["s_cls"][:2].flatten(0, 1), t.head_cls(final.mean(dim=(1, 2))))
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
 def test_non_finite_loss_raises_with_term_and_step(views):
     task = DEOTask(_cfg())
     bad = dict(views)

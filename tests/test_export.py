@@ -11,12 +11,17 @@ import torch
 
 import deo
 from deo.bands import DEO_BANDS
-from deo.config import to_dict
+from deo.config import build_config, read_yaml, to_dict
 from deo.eval.checkpoint import load_checkpoint_student, resolve_checkpoint, weights_sha256
 from deo.export import export_checkpoint, load_backbone, read_export, read_header
 from deo.io import storage
 from deo.models.student import build_student
+from deo.train import checkpoint as ckpt
 from deo.train.config import PretrainConfig
+from deo.train.loop import train
+from deo.train.runtime import LocalRuntime
+
+from tests_helpers import REPO
 
 STATS = {
     "ms": {"mean": [float(1000 + 100 * i) for i in range(10)], "std": [float(500 + 10 * i) for i in range(10)]},
@@ -181,3 +186,21 @@ def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before
     other.write_bytes(b"")
     with pytest.raises(UnreadableCheckpoint, match="no checkpoint of .* loads, so it cannot resume"):
         newest_readable_state(run)
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_the_export_holds_the_trained_student_not_the_ema(sample_shards, tmp_path):
+    """A run's exported backbone is its student (not the EMA teacher), weight for weight."""
+    cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
+        f"data={sample_shards}", f"run.storage={tmp_path}", "run.name=x", "train.batch_size=8",
+        "views.n_local=2", "model.drop_path=0", "run.tensorboard=false", "train.max_steps=2",
+        "train.warmup_steps=0"])
+    uri = str(tmp_path / "x")
+    train(cfg, LocalRuntime(uri, device=torch.device("cpu")), uri)
+    state = ckpt.load_state(str(tmp_path / "x" / ckpt.checkpoint_name(2)))
+    exported, _ = read_export(str(tmp_path / "x" / "backbone.safetensors"))
+    assert exported.keys() == state["student"].keys()
+    for k, v in state["student"].items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=k)
+    ema = {k.removeprefix("module.student."): v for k, v in state["ema"].items()}
+    assert any(not torch.equal(ema[k], v) for k, v in state["student"].items() if v.is_floating_point())

@@ -93,3 +93,46 @@ def test_apply_traces_as_one_graph_equal_to_eager(shared_data):
             torch.testing.assert_close(got[k], want[k], msg=k)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"] and not counters["recompiles"]
+
+
+def test_local_views_share_geometry_and_their_gsd_is_the_local_size(shared_data):
+    ms = _tile(shared_data)[None].repeat(2, 1, 1, 1)
+    tc = (ms[:, [2, 1, 0]].float() / 3000 * 255).clamp(0, 255).to(torch.uint8)
+    v = ViewConfig(global_size=32, local_size=16, optical_global_size=32, n_local=6)
+    mc = MultiCrop(v, STATS, seed=0)
+    out = mc(ms, tc, ["a", "b"], 0, torch.tensor([10.0, 20.0]))
+    p = mc.params(["a", "b"], 0)
+    # the side of a crop is the square root of its area in tile units: sqrt(|det|) of the affine crop
+    torch.testing.assert_close(p["side"], p["theta"][..., :2, :2].det().abs().sqrt())
+    torch.testing.assert_close(out["gsd_local"], p["side"][2:] * torch.tensor([10.0, 20.0]) * 64 / 16)
+
+    def corr(a, b):
+        return np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+
+    ms_b04, gray = out["ms_local"][:, :, 2], out["opt_local"].mean(2)
+    n = ms_b04.shape[0]
+    same = [corr(ms_b04[k, i], gray[k, i]) for k in range(n) for i in range(2)]
+    other = [corr(ms_b04[k, i], gray[(k + 1) % n, i]) for k in range(n) for i in range(2)]
+    assert np.mean(same) > 0.6 and np.mean(same) > np.mean(other) + 0.2, (same, other)
+
+
+def test_views_are_normalised_with_the_stats():
+    g = torch.Generator().manual_seed(0)
+    ms = torch.randint(1000, 3000, (8, 10, 64, 64), generator=g).to(torch.uint16)
+    opt = torch.randint(0, 256, (8, 3, 64, 64), generator=g).to(torch.uint8)
+    stats = {"ms": {"mean": [2000.0] * 10, "std": [577.0] * 10},
+             "optical": {"mean": [127.5] * 3, "std": [73.9] * 3}}
+    out = MultiCrop(ViewConfig(n_local=2, global_size=32, local_size=16, optical_global_size=32), stats)(
+        ms, opt, [f"s{i}" for i in range(8)], 0, torch.full((8,), 10.0))
+    for k in ("ms_global", "ms_local", "opt_global", "opt_local"):
+        assert abs(float(out[k].mean())) < 0.5, k
+
+
+def test_ms_contrast_keeps_the_band_mean_and_gain_scales_it():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 10, 8, 8, generator=g) * 2000 + 1000  # no clamp at 0 for contrast <= 1.2
+    contrast = 0.8 + 0.4 * torch.rand(4, 10, generator=g)
+    y = MultiCrop._ms_photometric(x.clone(), torch.ones(4, 10), contrast)
+    torch.testing.assert_close(y.mean((2, 3)), x.mean((2, 3)))
+    y = MultiCrop._ms_photometric(x.clone(), torch.full((4, 10), 1.2), contrast)
+    torch.testing.assert_close(y.mean((2, 3)), 1.2 * x.mean((2, 3)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from deo.eval.linear_probe import few_shot_evaluate, fit_logistic, linear_probe_evaluate
+from deo.eval.linear_probe import few_shot_evaluate, fit_logistic, linear_probe_evaluate, select_l2
 from deo.eval.splits import sample_per_class, stratified_split
 
 
@@ -93,3 +93,13 @@ def test_stratified_split_keeps_class_fractions():
     assert np.array_equal(stratified_split(y, 0.2, seed=3)[1], te)
     with pytest.raises(ValueError, match="test_fraction"):
         stratified_split(y, 1.5, 0)
+
+
+def test_select_l2_picks_the_best_validation_score():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(20)
+    x = torch.randn(60, 40, generator=g)
+    x[:, 0] += 1.5 * y  # one informative dimension among 40 noisy ones
+    l2, val = select_l2(x, y, 3, (1e-5, 1e-3, 1e-1, 1e1), seed=0)
+    assert len(set(val.values())) > 1  # the grid matters here
+    assert val[repr(l2)] == max(val.values())

@@ -13,9 +13,10 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
-from deo.bands import DEO_BANDS
+from deo.bands import DEO_BANDS, offset_for_baseline
 from deo.config import build_config
 from deo.ingest.config import IngestConfig
+from deo.ingest.metadata import read_product_info
 from deo.ingest.run import ingest
 from deo.io.shards import ShardDataset
 
@@ -258,3 +259,39 @@ def test_without_optical_tiles_the_stats_count_the_true_colour_training_fills_in
     run(tmp_path, [str(f) for f in files], s2_band_order="eurosat", s2_optical="false", s2_optical_max=2500)
     again = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert again["stats"]["optical"] == m["stats"]["optical"]
+
+
+def test_baseline_04_00_is_the_first_with_the_offset():
+    assert offset_for_baseline((4, 0)) == 1000 and offset_for_baseline((5, 11)) == 1000
+    assert offset_for_baseline((3, 99)) == 0 and offset_for_baseline(None) is None
+    name = "S2B_MSIL1C_20220615T101559_N0400_R065_T32UPC_20220615T122549"
+    info = read_product_info(f"/data/{name}.SAFE", [], False, 0)
+    assert (info.offset, info.offset_from) == (1000, "product_name")
+
+
+def test_dark_pixels_below_the_offset_stay_valid_and_the_name_gives_the_offset(tmp_path, shared_data):
+    """An N0400 product without its MTD: the product name gives the +1000 offset; a valid pixel whose DN is
+    at or below the offset (dark water) is reflectance 1, never 0 (0 marks nodata)."""
+    name = "S2B_MSIL1C_20220615T101559_N0400_R065_T32UPC_20220615T122549"
+    src_dir, dst_dir = shared_data / "s2_baselines", tmp_path / "in"
+    dst_dir.mkdir()
+    with rasterio.open(src_dir / f"{name}.tif") as src:
+        data, profile = src.read(), src.profile
+    data[:, :4, :4] = 800  # valid (non-zero) DN below the offset
+    with rasterio.open(dst_dir / f"{name}.tif", "w", **profile) as dst:
+        dst.write(data)
+    cfg = build_config(IngestConfig, overrides=[f"s2=[{dst_dir}]", "aerial=[]", f"output={tmp_path / 'out'}",
+                                                "use_ray=false", "s2_band_order=s2_13", "tile.ms_px=4",
+                                                "max_nodata=1.0"])
+    ingest(cfg, log=lambda _: None)
+    ds = ShardDataset.open(str(tmp_path / "out"))
+    (source,) = [s for s in ds.manifest["sources"] if s["uri"].endswith(f"{name}.tif")]
+    assert (source["offset"], source["offset_from"]) == (1000, "product_name")
+    batches = list(ds.iter_batches(batch_size=100000))
+    ms = np.concatenate([b["ms"] for b in batches])
+    bounds = np.concatenate([b["bounds"] for b in batches])
+    with rasterio.open(dst_dir / f"{name}.tif") as src:
+        left, top = src.transform @ (0, 0)
+    corner = [i for i in range(len(ms)) if np.allclose(bounds[i][[0, 3]], (left, top))]
+    assert corner, "the top-left tile was written"
+    assert (ms[corner[0]] == 1).all()

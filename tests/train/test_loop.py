@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deo.config import build_config, read_yaml
-from deo.train.config import PretrainConfig
+from deo.train.config import ModelConfig, PretrainConfig
 from deo.train.loop import train
 from deo.train.runtime import LocalRuntime
 
@@ -272,3 +272,16 @@ def test_pruning_keeps_the_newest_checkpoints_and_ignores_ray_files(tmp_path):
         runtime.save({"step": step}, {}, step)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         ckpt.checkpoint_name(300), ckpt.checkpoint_name(350), "checkpoint_manager_snapshot.json"]
+
+
+def test_norms_and_biases_are_not_decayed():
+    from deo.train.loop import build_optimizer
+    from deo.train.task import DEOTrainable
+
+    cfg = PretrainConfig(model=ModelConfig(head_hidden=64))
+    trainable = DEOTrainable(cfg, teacher_dim=64)
+    opt = build_optimizer(trainable, cfg, torch.device("cpu"))
+    group = {id(p): g["apply_wd"] for g in opt.param_groups for p in g["params"]}
+    for name, p in trainable.named_parameters():
+        assert group[id(p)] == (p.ndim >= 2 and not name.endswith(".bias")), name
+    assert any(n.endswith("norm.weight") or ".norm" in n for n, p in trainable.named_parameters() if p.ndim == 1)

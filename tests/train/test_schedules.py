@@ -35,3 +35,11 @@ def test_lr_reference_batch_scales_the_peak_linearly():
     assert Schedules.from_config(build_config(PretrainConfig, overrides=base).train).at(0)[0] == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="lr_reference_batch must be >= 0"):
         build_config(PretrainConfig, overrides=[*base, "train.lr_reference_batch=-1"])
+
+
+def test_only_the_lr_warms_up():
+    cfg = build_config(PretrainConfig, overrides=["train.max_steps=50", "train.warmup_steps=10"])
+    s = Schedules.from_config(cfg.train)
+    assert s.lr[0] == 0.0
+    assert s.momentum[0] == pytest.approx(cfg.train.ema_momentum)
+    assert s.weight_decay[0] == pytest.approx(cfg.train.weight_decay)

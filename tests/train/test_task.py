@@ -208,3 +208,66 @@ def test_the_student_runs_while_the_teachers_are_forked_off(views):
     task._teachers = lambda v: {**teachers(v), "f_partner": None}  # as with a domain teacher F
     task(views, 0)
     assert log == ["fork", "teachers", "join", "student", "join", "losses"]
+
+
+def _task_and_views(**loss):
+    """A fresh task (EMA = student) and random views of 8 samples."""
+    cfg = PretrainConfig(model=ModelConfig(head_hidden=128, drop_path=0.0), views=ViewConfig(n_local=2),
+                         loss=LossConfig(**loss))
+    g = torch.Generator().manual_seed(0)
+    ms = torch.randint(1, 5000, (8, 10, 64, 64), generator=g).to(torch.uint16)
+    opt = torch.randint(0, 256, (8, 3, 256, 256), generator=g).to(torch.uint8)
+    stats = {"ms": {"mean": [2500.0] * 10, "std": [1400.0] * 10},
+             "optical": {"mean": [128.0] * 3, "std": [74.0] * 3}}
+    views = MultiCrop(cfg.views, stats, seed=0)(ms, opt, [f"s{i}" for i in range(8)], 0,
+                                                torch.linspace(5.0, 40.0, 8))
+    torch.manual_seed(0)
+    return cfg, DEOTask(cfg), views
+
+
+@pytest.mark.filterwarnings("ignore:teacher.weights is empty")
+def test_task_terms_are_their_losses_on_the_right_views():
+    """Each logged term is its loss on the right tensors (views in order, teacher blocks, GSD targets), and
+    the total is DESIGN's objective with the configured weights."""
+    from deo.losses import CodingRateLoss, GSDLoss, MSADLoss, cross_view_cosine, patch_cosine
+
+    cfg, task, views = _task_and_views(msad_lambda=0.1, gsd_weight=0.1)
+    with torch.no_grad():  # the random teacher's LayerScale (1e-5) makes every block near-identity:
+        for n, p in task.teacher.named_parameters():  # mid and final tokens would then agree to 1e-6
+            if "gamma" in n:
+                p.fill_(1.0)
+    task.train()
+    vg, vl = views["ms_global"].shape[0], views["ms_local"].shape[0]
+    with torch.no_grad():
+        out = task(views, 0)
+        s = task.trainable(views, task.teacher_grid(views))
+        t = task._teachers(views)
+        branch = task._ms_branch(task.trainable)
+        # student embeddings: global views first, in order, then the local views
+        for v in range(vg):
+            torch.testing.assert_close(s["s_ms"][v], branch(views["ms_global"][v]))
+        for v in range(vl):
+            torch.testing.assert_close(s["s_ms"][vg + v], branch(views["ms_local"][v]))
+        # the EMA starts as a copy: its embeddings are the student's global ones, view for view
+        torch.testing.assert_close(t["t_ms"], s["s_ms"][:vg])
+        # pF is distilled from the teacher's final block, pmid from its intermediate one
+        _, (mid, fin) = task.teacher(views["opt_global"].flatten(0, 1))
+        assert (mid - fin).abs().max() > 1e-2
+        torch.testing.assert_close(t["t_pF"].flatten(0, 1), fin)
+        torch.testing.assert_close(t["t_pmid"].flatten(0, 1), mid)
+    loss = cfg.loss
+    want = {
+        "compression": cross_view_cosine(t["t_ms"], s["s_ms"]),
+        "coding_rate": CodingRateLoss(loss.eps)(s["s_ms"][:vg], t["t_ms"])[0],
+        "cls_cos": cross_view_cosine(t["t_cls"], s["s_cls"]),
+        "pF_cos": patch_cosine(s["s_pF"], t["t_pF"]),
+        "pmid_cos": patch_cosine(s["s_pmid"], t["t_pmid"]),
+        "msad": MSADLoss(loss.msad_tau, loss.msad_smoothing)(s["va"], s["vb"])[0],
+        "gsd": GSDLoss()(s["gsd"], torch.cat([views["gsd_global"], views["gsd_local"]]))[0],
+    }
+    for k, v in want.items():
+        torch.testing.assert_close(out[k], v, msg=k)
+    total = (-out["compression"] - loss.gamma * out["coding_rate"]
+             - (loss.alpha1 * out["cls_cos"] + loss.alpha2 * out["pF_cos"] + loss.alpha3 * out["pmid_cos"])
+             + loss.msad_lambda * out["msad"] + loss.gsd_weight * out["gsd"])
+    torch.testing.assert_close(out["loss"].detach(), total)

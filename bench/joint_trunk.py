@@ -24,9 +24,11 @@ from deo.train.task import _to_grid
 
 def joint_trunk_forward(
     self: Any, views: dict[str, torch.Tensor], teacher_grid: tuple[int, int] = (0, 0),
-    partner_tokens: torch.Tensor | None = None,
+    partner_tokens: torch.Tensor | None = None, ms_global_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``DEOTrainable.forward`` (``self``) with one trunk pass per view size (see the module docstring)."""
+    if ms_global_only:  # the first pass of gradient accumulation: the MS global views alone, as the task does
+        return type(self).forward(self, views, ms_global_only=True)
     if self.use["msad"] or self.use["gsd"] or not all(self.use[k] for k in ("cls", "pF", "pmid")):
         raise ValueError("joint_trunk_forward covers the DEO objective (cls, pF, pmid; no MSAD or GSD)")
     if "opt_local" not in views:

@@ -41,7 +41,8 @@ from deo.train.task import DEOTask  # noqa: E402
 
 PHASES = ("h2d", "augment", "teacher_ema", "teacher_dino", "student_fwd", "backward", "optimizer_ema")
 """Phases of an eager step, in execution order. A step replayed from its CUDA graph (``train.cuda_graph``)
-has one phase, ``graph``."""
+has one phase, ``graph``. A step with ``train.grad_accum`` > 1 has ``first_pass`` after ``augment``
+instead of the teacher phases: the teachers and the no-graph student forward of every micro-batch."""
 
 
 class PhaseClock:
@@ -130,16 +131,32 @@ class TrainStep:
         task, clock = self.task, self.clock
         teachers = task._teachers
 
+        share = task.share_micro_batches
+
+        def in_first_pass() -> bool:
+            return getattr(task, "_in_first_pass", False)
+
+        def timed_share(micro_views: list[dict[str, torch.Tensor]]) -> list[Any]:
+            task._in_first_pass = True  # the whole first pass is one phase, closed by the step's mark
+            try:
+                return share(micro_views)
+            finally:
+                task._in_first_pass = False
+
         def timed_teachers(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = teachers(views)
-            clock.mark("teacher_ema")
+            if not in_first_pass():
+                clock.mark("teacher_ema")
             return out
 
+        task.share_micro_batches = timed_share  # type: ignore[method-assign]
         task._teachers = timed_teachers  # type: ignore[method-assign]
         if task.teacher is not None:
             dino = task.teacher.forward
 
             def timed_dino(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                if in_first_pass():
+                    return dino(x)
                 clock.mark("teacher_ema")  # EMA teacher (and the task's prologue) ran before
                 out = dino(x)
                 clock.mark("teacher_dino")
@@ -183,7 +200,7 @@ def emit(report: dict[str, Any], out: str) -> None:
 
 def summarise(steps: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
     """Median ms per phase and per step, share of each phase in the summed medians, samples/s."""
-    keys = [k for k in (*PHASES, "graph", "between") if any(k in s for s in steps)]
+    keys = [k for k in (*PHASES, "first_pass", "graph", "between") if any(k in s for s in steps)]
     med = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in keys}
     total = [s["total"] for s in steps]
     mean_ms = sum(total) / len(total)

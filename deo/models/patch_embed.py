@@ -4,9 +4,11 @@ All embeddings map to the same width and grid, so the Swin stages after them are
 
 Initialisation (``model.ms_embed_init``):
 - optical: the given RGB weights (``model.rgb_weights``, a timm Swin checkpoint) or timm's random init.
-- ms ``spectral``: the RGB kernels are copied to the matching S2 bands (R -> B04, G -> B03, B -> B02) and
+- ms ``spectral``, when the RGB kernels are pretrained (``model.rgb_weights``, or a timm Swin as
+  ``model.init_from``): they are copied to the matching S2 bands (R -> B04, G -> B03, B -> B02) and
   the mean RGB kernel to the seven other bands; all ten are then scaled by 3/10 so that a spatially flat
   input of equal normalised value in every channel gives the same response as the RGB embedding.
+  Without pretrained RGB kernels there is nothing to transfer and the MS embedding stays random.
 - ms ``random``: timm's default init. SAR is always random (no optical analogue).
 """
 

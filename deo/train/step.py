@@ -151,17 +151,19 @@ class TrainStep:
             if micro_views is None:
                 views = views_of(m)
                 self.mark("augment")
-            else:
-                views = micro_views[m]
+            else:  # handed over: this micro-batch's views and teacher outputs are freed after its backward
+                views, micro_views[m] = micro_views[m], None
+            share, shares[m] = shares[m], None
             with parallel.no_grad_sync(task.trainable, skip=m < accum - 1):
                 # the warm-up before a capture autocasts as the capture does: compiled regions see one state
                 with self._autocast(cache_enabled=self.graph is None):
-                    losses = task(views, step, shares[m])
+                    losses = task(views, step, share)
                 self.mark("student_fwd")
                 self.scaler.scale(losses["loss"] / accum).backward()
                 self.mark("backward")
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / accum
+            del views, share, losses
         if cfg.train.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.train.clip_grad, foreach=True)

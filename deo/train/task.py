@@ -13,6 +13,8 @@ A weight of 0 skips its term's computation (and its head's forward).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,27 +43,38 @@ class MicroBatchShare:
         other_cov: (V_g, d, d) float32 Z^T Z of this rank's other micro-batches of the step (no graph).
         other_rows: how many rows ``other_cov`` sums over.
         micro_steps: micro-batches per optimizer step.
-        rng_states: the CPU (and CUDA) generator states before the first pass ran this micro-batch's
-            student: the second pass restores them, so stochastic depth drops the same blocks and this
-            micro-batch's Z is the one the other micro-batches counted.
+        seed: this micro-batch's own random stream (:func:`micro_batch_stream`), in both passes: stochastic
+            depth drops the same blocks, so its Z is the one the other micro-batches counted, and no
+            two micro-batches share masks.
     """
 
     teachers: dict[str, torch.Tensor]
     other_cov: torch.Tensor
     other_rows: int
     micro_steps: int
-    rng_states: tuple[torch.Tensor, torch.Tensor | None]
+    seed: int
 
 
-def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The CPU generator's state and, on CUDA, the device generator's (stochastic depth draws there)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+@contextmanager
+def micro_batch_stream(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw from ``seed``'s stream on the CPU and on ``device`` (CUDA), then put the step's stream back.
 
-
-def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
+    Restoring one state per micro-batch instead would not do: the second pass draws more than the first
+    (local and optical views after the global ones), and those draws would repeat the next
+    micro-batch's masks.
+    """
+    cuda = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    saved = torch.get_rng_state(), cuda.get_state() if cuda is not None else None
+    torch.random.default_generator.manual_seed(seed)
+    if cuda is not None:
+        cuda.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        if cuda is not None:
+            cuda.set_state(saved[1])
 
 
 class MSBranch(nn.Module):
@@ -342,18 +355,22 @@ class DEOTask(nn.Module):
             One :class:`MicroBatchShare` per micro-batch, in order.
         """
         device = micro_views[0]["ms_global"].device
-        teachers, covs, rngs = [], [], []
-        for views in micro_views:
-            t = self._teachers(views)
-            rngs.append(_rng_states(device))
-            s = self.trainable(views, ms_global_only=True)["s_ms"]
+        k = len(micro_views)
+        seeds = torch.randint(2**62, (k,)).tolist()  # from the step's stream: a resume draws the same
+        teachers, covs = [], []
+        for views, seed in zip(micro_views, seeds, strict=True):
+            t = self.teacher_stream.fork(self._teachers, views)  # beside the student (train.overlap_teachers)
+            try:
+                with micro_batch_stream(seed, device):
+                    s = self.trainable(views, ms_global_only=True)["s_ms"]
+            finally:
+                self.teacher_stream.join()
             covs.append(self.coding_rate.covariance(s, t["t_ms"]))
             teachers.append(t)
         rows = micro_views[0]["ms_global"].shape[1]
-        k = len(micro_views)
         return [
-            MicroBatchShare(t, sum(c for j, c in enumerate(covs) if j != i), rows * (k - 1), k, rng)
-            for i, (t, rng) in enumerate(zip(teachers, rngs, strict=True))
+            MicroBatchShare(t, sum(c for j, c in enumerate(covs) if j != i), rows * (k - 1), k, seed)
+            for i, (t, seed) in enumerate(zip(teachers, seeds, strict=True))
         ]
 
     def forward(self, views: dict[str, torch.Tensor], step: int,
@@ -377,17 +394,18 @@ class DEOTask(nn.Module):
             FloatingPointError: a term is NaN or Inf (names the term, step and rank).
         """
         loss_cfg = self.cfg.loss
-        if share is not None:
+        if share is not None:  # the first pass ran the teachers; the student replays its random stream
             t = share.teachers
-            _set_rng_states(share.rng_states, views["ms_global"].device)
+            with micro_batch_stream(share.seed, views["ms_global"].device):
+                s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
         else:  # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
             t = self.teacher_stream.fork(self._teachers, views)
-        try:
-            if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
+            try:
+                if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
+                    self.teacher_stream.join()
+                s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
+            finally:  # also when the student raises: nothing frees the views while the teachers read them
                 self.teacher_stream.join()
-            s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
-        finally:  # also when the student raises: nothing frees the views while the teachers read them
-            self.teacher_stream.join()
         vg = t["t_ms"].shape[0]
         c, parts = self.compression(t["t_ms"], s["s_ms"])
         total = -c

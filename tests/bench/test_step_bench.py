@@ -86,3 +86,15 @@ def test_train_step_computes_the_task_loss_and_times_every_phase(sample_shards):
     assert all(step[k] > 0 for k in ("augment", "teacher_ema", "teacher_dino", "student_fwd", "backward",
                                      "optimizer_ema"))
     assert np.isfinite(float(out["loss"]))
+
+
+def test_an_accumulated_step_times_its_first_pass_as_one_phase(sample_shards):
+    """Under train.grad_accum the teachers run in the first pass: its time is ``first_pass``, not theirs."""
+    cfg = build_config(PretrainConfig, overrides=["model.head_hidden=64", "views.n_local=2", "train.batch_size=4",
+                                                  "train.grad_accum=2"])
+    (batch, ids), = shard_batches(str(sample_shards), 4, 1)
+    runner = TrainStep(cfg, torch.device("cpu"), ShardDataset.open(str(sample_shards)).stats)
+    runner(batch, ids, 0)
+    (step,) = runner.clock.steps()
+    assert step["first_pass"] > 0 and "teacher_ema" not in step and "teacher_dino" not in step
+    assert step["total"] == pytest.approx(sum(v for k, v in step.items() if k != "total"))

@@ -43,24 +43,35 @@ def test_gather_without_process_group_raises():
         CodingRateLoss(0.0)
 
 
-def _worker(rank, world, port, s, t, out):
+def _worker(rank, world, port, s, t, out, micro=1):
+    """This rank's rows of s, t as ``micro`` micro-batches: each micro-step adds the others' Z^T Z and
+    carries ``micro`` x R's gradient (as DEOTask does), and its loss is divided by ``micro`` (as the step)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     b = s.shape[1] // world
     s_local = s[:, rank * b : (rank + 1) * b].clone().requires_grad_(True)
-    r, _ = CodingRateLoss(0.05, gather_distributed=True)(s_local, t[:, rank * b : (rank + 1) * b])
-    r.backward()
+    t_local = t[:, rank * b : (rank + 1) * b]
+    loss = CodingRateLoss(0.05, gather_distributed=True)
+    m = b // micro
+    parts = [slice(i * m, (i + 1) * m) for i in range(micro)]
+    covs = [loss.covariance(s_local[:, p].detach(), t_local[:, p]) for p in parts]
+    for i, p in enumerate(parts):
+        others = sum(c for j, c in enumerate(covs) if j != i) if micro > 1 else None
+        r, _ = loss(s_local[:, p], t_local[:, p], others, m * (micro - 1))
+        (r + (micro - 1) * (r - r.detach())).div(micro).backward()
     out[rank] = (r.detach(), s_local.grad.detach())
     dist.destroy_process_group()
 
 
-def test_coding_rate_two_gloo_processes_equal_one_process():
+@pytest.mark.parametrize("micro", [1, 2])
+def test_coding_rate_two_gloo_processes_equal_one_process(micro):
+    """2 ranks (each in ``micro`` accumulated micro-batches) give one process's R and gradient."""
     from conftest import free_port
 
     g = torch.Generator().manual_seed(4)
-    s = torch.randn(2, 10, 6, generator=g)
-    t = torch.randn(2, 10, 6, generator=g)
+    s = torch.randn(2, 12, 6, generator=g)
+    t = torch.randn(2, 12, 6, generator=g)
     single = s.clone().requires_grad_(True)
     r1, _ = CodingRateLoss(0.05)(single, t)
     r1.backward()
@@ -69,13 +80,13 @@ def test_coding_rate_two_gloo_processes_equal_one_process():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as mgr:
         out = mgr.dict()
-        mp.start_processes(_worker, args=(2, free_port(), s, t, out), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(2, free_port(), s, t, out, micro), nprocs=2, join=True, start_method="spawn")
         res = dict(out)
     for rank in range(2):
         r, grad = res[rank]
         torch.testing.assert_close(r, r1.detach(), rtol=1e-5, atol=1e-6)
         # each rank's gradient is world x the single-process one (DDP then averages over ranks)
-        torch.testing.assert_close(grad / 2, single.grad[:, rank * 5 : (rank + 1) * 5], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad / 2, single.grad[:, rank * 6 : (rank + 1) * 6], rtol=1e-4, atol=1e-6)
 
 
 def test_other_micro_batches_make_r_that_of_the_whole_batch():

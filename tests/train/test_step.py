@@ -149,18 +149,16 @@ def test_accumulated_step_trains_as_one_step_over_the_whole_batch(sample_shards)
     assert (apart / norm) ** 0.5 < 1e-3
 
 
-def test_micro_batches_replay_their_own_stochastic_depth(sample_shards, monkeypatch):
-    """With stochastic depth, each micro-batch's second pass draws the masks its first pass drew (so its Z
-    is the one the other micro-batches counted, and every micro-step's R is the whole batch's), and no
-    micro-batch reuses another's masks."""
+def _check_micro_batch_masks(batch: dict[str, torch.Tensor], ids: list[str], stats: dict, device: str,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each micro-batch's second pass repeats its first pass's masks; no micro-batch reuses another's."""
     from deo.models.swin_window import StochasticDepth
 
     cfg = build_config(PretrainConfig, overrides=[*TINY, "model.drop_path=0.5", "train.batch_size=8",
                                                   "train.grad_accum=2"])
-    stats = ShardDataset.open(str(sample_shards)).stats
-    (batch, ids), = shard_batches(str(sample_shards), 8, 1)
-    step = _build(cfg, stats)
+    step = _build(cfg, stats, device)
     step.task.train()
+    batch = {k: v.to(device) for k, v in batch.items()}
     micro_views = [step.augment(batch["ms"][p], batch["optical"][p], ids[p], 0, batch["ms_gsd"][p])
                    for p in (slice(0, 4), slice(4, 8))]
     drawn: list[torch.Tensor] = []
@@ -184,6 +182,24 @@ def test_micro_batches_replay_their_own_stochastic_depth(sample_shards, monkeypa
     # masks, which restoring one generator state per micro-batch would repeat
     assert not all(torch.equal(a, b) for a, b in zip(second[0][g:2 * g], second[1][:g], strict=True))
     assert r[0] == pytest.approx(r[1], rel=1e-5)
+
+
+def test_micro_batches_replay_their_own_stochastic_depth(sample_shards, monkeypatch):
+    """With stochastic depth, each micro-batch's second pass draws the masks its first pass drew (so its Z
+    is the one the other micro-batches counted, and every micro-step's R is the whole batch's), and no
+    micro-batch reuses another's masks."""
+    (batch, ids), = shard_batches(str(sample_shards), 8, 1)
+    _check_micro_batch_masks(batch, ids, ShardDataset.open(str(sample_shards)).stats, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+def test_micro_batches_replay_their_own_stochastic_depth_on_cuda(monkeypatch):
+    """The same on a GPU, where the masks come from the device's generator (random tiles: the GPU machine
+    has no rasterio to ingest the samples with)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _check_micro_batch_masks(_random_batch(0, b=8), [f"s{i}" for i in range(8)], RANDOM_TILE_STATS, "cuda",
+                             monkeypatch)
 
 
 def test_recorded_step_never_reads_a_device_value_on_the_host(sample_shards):

@@ -159,3 +159,29 @@ def test_pretrain_xstars_consumes_ingested_bigearthnet_sar(tmp_path, shared_data
     assert all(math.isfinite(r["msad"]) and r["msad"] > 0 for r in lines)
     _, meta = read_export(str(tmp_path / "sar" / "backbone.safetensors"))
     assert meta["bands"]["sar"] == ["VV", "VH"] and meta["stats"]["sar"] == manifest["stats"]["sar"]
+
+
+def test_a_sar_crop_with_invalid_pixels_inside_its_bounds_is_not_paired(tmp_path, shared_data):
+    """Bounds covering the tile are not enough: a crop with a NaN (no data) pixel leaves the tile without SAR."""
+    s2, s1 = bigearthnet_pairs(shared_data)[0]
+    holed = tmp_path / "s1" / s1.name
+    holed.mkdir(parents=True)
+    for f in s1.glob("*_V?.tif"):
+        with rasterio.open(f) as src:
+            data, prof = src.read(1), src.profile
+        if f.name.endswith("_VV.tif"):
+            data = data.astype(np.float32)
+            data[58:61, 58:61] = np.nan  # inside the centre tile of the 3 x 3 (40 px tiles of 120 px)
+            prof = {**prof, "dtype": "float32"}
+        with rasterio.open(holed / f.name, "w", **prof) as dst:
+            dst.write(data, 1)
+    out = str(tmp_path / "out")
+    ingest(cfg_for(out, [str(s2)], [str(tmp_path / "s1")], **{"tile.ms_px": 40, "tile.optical_px": 40}),
+           log=lambda _: None)
+    rows = rows_of(out)
+    assert len(rows) == 9
+    with rasterio.open(next(s2.glob("*_B02.tif"))) as src:
+        centre = (src.bounds.left + 400, src.bounds.top - 800)
+    without = [r for r in rows.values() if not r["has_sar"]]
+    assert [(r["bounds"][0], r["bounds"][1]) for r in without] == [centre]
+    assert all(np.isfinite(r["sar"]).all() for r in rows.values())

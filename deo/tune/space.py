@@ -9,6 +9,7 @@ Example YAML::
       loss.gamma: {type: loguniform, low: 0.1, high: 2.0}
       loss.alpha2: {type: choice, values: [0.25, 0.5]}
       train.lr: {type: grid, values: [1.0e-4, 5.0e-4]}
+      views.n_local: {type: randint, low: 4, high: 11}   # integers 4..10: high is excluded, as in Ray Tune
 """
 
 from __future__ import annotations

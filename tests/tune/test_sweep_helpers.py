@@ -31,3 +31,8 @@ def test_error_line_is_the_last_informative_line():
                        "deo.config.ConfigError: loss.eps must be > 0, got -1.0\n")
     assert _error_line(err) == "deo.config.ConfigError: loss.eps must be > 0, got -1.0"
     assert _error_line(None) == ""
+
+
+def test_randint_excludes_its_high_end_as_documented():
+    space = to_tune_space({"views.n_local": {"type": "randint", "low": 4, "high": 6}})
+    assert set(space["views.n_local"].sample(size=200, random_state=0)) == {4, 5}

@@ -132,20 +132,19 @@ class TrainStep:
         teachers = task._teachers
 
         share = task.share_micro_batches
-
-        def in_first_pass() -> bool:
-            return getattr(task, "_in_first_pass", False)
+        in_first_pass = False
 
         def timed_share(micro_views: list[dict[str, torch.Tensor]]) -> list[Any]:
-            task._in_first_pass = True  # the whole first pass is one phase, closed by the step's mark
+            nonlocal in_first_pass
+            in_first_pass = True  # the whole first pass is one phase, closed by the step's mark
             try:
                 return share(micro_views)
             finally:
-                task._in_first_pass = False
+                in_first_pass = False
 
         def timed_teachers(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = teachers(views)
-            if not in_first_pass():
+            if not in_first_pass:
                 clock.mark("teacher_ema")
             return out
 
@@ -155,7 +154,7 @@ class TrainStep:
             dino = task.teacher.forward
 
             def timed_dino(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-                if in_first_pass():
+                if in_first_pass:
                     return dino(x)
                 clock.mark("teacher_ema")  # EMA teacher (and the task's prologue) ran before
                 out = dino(x)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,18 +63,13 @@ def micro_batch_stream(seed: int, device: torch.device) -> Iterator[None]:
     (local and optical views after the global ones), and those draws would repeat the next
     micro-batch's masks.
     """
-    cuda = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else None
-    saved = torch.get_rng_state(), cuda.get_state() if cuda is not None else None
-    torch.random.default_generator.manual_seed(seed)
-    if cuda is not None:
-        cuda.manual_seed(seed)
-    try:
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # restores the CPU's and these devices' generators
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
         yield
-    finally:
-        torch.set_rng_state(saved[0])
-        if cuda is not None:
-            cuda.set_state(saved[1])
 
 
 class MSBranch(nn.Module):
@@ -395,17 +390,16 @@ class DEOTask(nn.Module):
         """
         loss_cfg = self.cfg.loss
         if share is not None:  # the first pass ran the teachers; the student replays its random stream
-            t = share.teachers
-            with micro_batch_stream(share.seed, views["ms_global"].device):
-                s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
+            t, draws = share.teachers, micro_batch_stream(share.seed, views["ms_global"].device)
         else:  # train.overlap_teachers: the teachers' kernels run beside the student's forward (joined below)
-            t = self.teacher_stream.fork(self._teachers, views)
-            try:
-                if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
-                    self.teacher_stream.join()
-                s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
-            finally:  # also when the student raises: nothing frees the views while the teachers read them
+            t, draws = self.teacher_stream.fork(self._teachers, views), nullcontext()
+        try:
+            if "f_partner" in t:  # continual pretraining: the student reads F's tokens, so wait for them
                 self.teacher_stream.join()
+            with draws:
+                s = self.trainable(views, self.teacher_grid(views), t.get("f_partner"))
+        finally:  # also when the student raises: nothing frees the views while the teachers read them
+            self.teacher_stream.join()
         vg = t["t_ms"].shape[0]
         c, parts = self.compression(t["t_ms"], s["s_ms"])
         total = -c

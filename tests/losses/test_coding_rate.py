@@ -64,17 +64,23 @@ def _worker(rank, world, port, s, t, out, micro=1):
     dist.destroy_process_group()
 
 
+def _whole_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (2, 12, 6) student and teacher rows, and R with its gradient w.r.t. the student in one process."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 12, 6, generator=g)
+    t = torch.randn(2, 12, 6, generator=g)
+    whole = s.clone().requires_grad_(True)
+    r, _ = CodingRateLoss(0.05)(whole, t)
+    r.backward()
+    return s, t, r.detach(), whole.grad
+
+
 @pytest.mark.parametrize("micro", [1, 2])
 def test_coding_rate_two_gloo_processes_equal_one_process(micro):
     """2 ranks (each in ``micro`` accumulated micro-batches) give one process's R and gradient."""
     from conftest import free_port
 
-    g = torch.Generator().manual_seed(4)
-    s = torch.randn(2, 12, 6, generator=g)
-    t = torch.randn(2, 12, 6, generator=g)
-    single = s.clone().requires_grad_(True)
-    r1, _ = CodingRateLoss(0.05)(single, t)
-    r1.backward()
+    s, t, r1, grad1 = _whole_batch(4)
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     ctx = mp.get_context("spawn")
@@ -84,28 +90,23 @@ def test_coding_rate_two_gloo_processes_equal_one_process(micro):
         res = dict(out)
     for rank in range(2):
         r, grad = res[rank]
-        torch.testing.assert_close(r, r1.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r, r1, rtol=1e-5, atol=1e-6)
         # each rank's gradient is world x the single-process one (DDP then averages over ranks)
-        torch.testing.assert_close(grad / 2, single.grad[:, rank * 6 : (rank + 1) * 6], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad / 2, grad1[:, rank * 6 : (rank + 1) * 6], rtol=1e-4, atol=1e-6)
 
 
 def test_other_micro_batches_make_r_that_of_the_whole_batch():
     """Gradient accumulation: rows of the other micro-batches, given as their Z^T Z, give R of the whole
     batch, and the gradient w.r.t. this micro-batch's rows is the whole batch's."""
-    g = torch.Generator().manual_seed(5)
-    s = torch.randn(2, 12, 6, generator=g)
-    t = torch.randn(2, 12, 6, generator=g)
-    whole = s.clone().requires_grad_(True)
-    r_whole, _ = CodingRateLoss(0.05)(whole, t)
-    r_whole.backward()
+    s, t, r_whole, grad_whole = _whole_batch(5)
     loss = CodingRateLoss(0.05)
     own = s[:, :4].clone().requires_grad_(True)
     other = loss.covariance(s[:, 4:], t[:, 4:])
     r, parts = loss(own, t[:, :4], other, 8)
     r.backward()
-    torch.testing.assert_close(r, r_whole.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(parts["coding_rate"], r_whole.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(own.grad, whole.grad[:, :4], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(r, r_whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["coding_rate"], r_whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own.grad, grad_whole[:, :4], rtol=1e-4, atol=1e-7)
     # this micro-batch alone is a different (smaller-batch) R
     alone, _ = loss(s[:, :4], t[:, :4])
     alone = alone.detach()

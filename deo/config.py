@@ -127,6 +127,12 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str = "") 
     for k, v in data.items():
         if k not in names:
             raise ConfigError(f"unknown config key '{prefix}{k}' in {source}; {unknown_key_hint(cls, k, prefix)}")
+        if isinstance(v, dict) and not _is_dataclass_type(hints[k]) and typing.get_origin(hints[k]) is not dict:
+            sub = next(iter(v), "")
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}.{sub}' in {source}: '{prefix}{k}' is a single value "
+                f"({_type_name(hints[k])}), not a section; set it as {prefix}{k}=VALUE"
+            )
         if _is_dataclass_type(hints[k]):
             if not isinstance(v, dict):
                 raise ConfigError(
@@ -172,7 +178,9 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
             continue
         tp = keys[key][0]
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-        if tp is str and not quoted:
+        if raw.strip() == "":
+            value = _empty_value(key, tp)
+        elif tp is str and not quoted:
             # names, paths and URIs stay as typed: YAML reads 27997_00000 (a Tune trial id) as the
             # integer 2799700000, and 1e3 or 0x1f as numbers
             value: Any = raw
@@ -193,6 +201,23 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return tree
+
+
+def _empty_value(key: str, tp: Any) -> Any:
+    """What ``key=`` (nothing after the ``=``) means: an empty string, list or mapping; other types
+    have no empty value, so the override is refused rather than read as the string ''."""
+    if tp is str:
+        return ""
+    if _is_list_type(tp):
+        return []
+    if typing.get_origin(tp) is dict:
+        return {}
+    raise ConfigError(f"{key}= gives no value: expected {_type_name(tp)}, e.g. {key}={_example_value(tp)}")
+
+
+def _example_value(tp: Any) -> str:
+    """An example value of a scalar type, for error messages."""
+    return {bool: "true", int: "1", float: "0.5"}.get(tp, "null")
 
 
 def _bare_as_list(tp: Any, value: Any) -> Any:
@@ -293,12 +318,25 @@ def load_config(cls: type[T], argv: Sequence[str], default_config: str | Path | 
             path = a.split("=", 1)[1]
             args.remove(a)
             break
-    data = read_yaml(path) if path else None
     if "-h" in args or "--help" in args:
-        defaults = to_dict(build_config(cls, data, source=str(path))) if data else None
-        print(help_text(cls, title, defaults, str(path) if data else ""))
+        _print_help(cls, title, path)
         raise SystemExit(0)
+    data = read_yaml(path) if path else None
     return build_config(cls, data, args, source=str(path))
+
+
+def _print_help(cls: type, title: str, path: str | Path | None) -> None:
+    """``--help``: the keys with the defaults a run would get from ``path``; when that file cannot be
+    used, the dataclass defaults, and on stderr why the file was left out (help is what a user reaches for
+    to fix it)."""
+    defaults = None
+    if path:
+        try:
+            data = read_yaml(path)
+            defaults = to_dict(build_config(cls, data, source=str(path))) if data else None
+        except ConfigError as e:
+            print(f"note: {path} was left out of the defaults below: {e}", file=sys.stderr)
+    print(help_text(cls, title, defaults, str(path) if defaults is not None else ""))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

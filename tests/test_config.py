@@ -84,6 +84,20 @@ def test_help_shows_the_defaults_a_run_would_get(tmp_path, capsys):
     assert "train.max_steps (int, default " in out  # keys the file leaves alone keep their defaults
 
 
+def test_help_works_when_the_default_config_is_broken(tmp_path, capsys):
+    """--help is what a user reaches for to fix a config: it lists the keys with the dataclass defaults
+    and says on stderr why the file was left out."""
+    for text, why in (("model: [unclosed\n", "not valid YAML"), ("modle:\n  head_hidden: 2\n", "unknown config key 'modle'")):
+        path = tmp_path / "broken.yaml"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            load_config(PretrainConfig, ["--help"], default_config=path)
+        assert stop.value.code == 0
+        out, err = capsys.readouterr()
+        assert "model.head_hidden (int, default " in out and "defaults below" not in out
+        assert f"note: {path} was left out of the defaults below" in err and why in err
+
+
 def test_help_lists_every_key():
     text = help_text(PretrainConfig)
     for key in ("loss.alpha1", "loss.gamma", "scaling.num_workers", "teacher.weights", "probe.every"):

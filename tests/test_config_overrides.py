@@ -1,8 +1,12 @@
-"""Command-line overrides: values holding '=', and Hydra-style '+key=value'."""
+"""Command-line overrides: values holding '=', Hydra-style '+key=value', empty values, keys below a value."""
 
 from __future__ import annotations
 
-from deo.config import build_config
+import re
+
+import pytest
+
+from deo.config import ConfigError, build_config
 from deo.ingest.config import IngestConfig
 from deo.train.config import PretrainConfig
 
@@ -18,3 +22,24 @@ def test_an_override_value_may_contain_equals_signs():
 def test_a_leading_plus_is_accepted_as_in_hydra():
     cfg = build_config(PretrainConfig, overrides=["+train.max_steps=7", " +run.name=x"])
     assert cfg.train.max_steps == 7 and cfg.run.name == "x"
+
+
+def test_an_empty_value_is_an_empty_string_list_or_mapping_and_refused_elsewhere():
+    """``key=`` (nothing after '='): ``aerial=`` means no aerial sources, not one source named ''."""
+    cfg = build_config(IngestConfig, overrides=["aerial=", "sar= ", "ray_resources=", "summary="])
+    assert cfg.aerial == [] and cfg.sar == [] and cfg.ray_resources == {} and cfg.summary == ""
+    for override, expected in (("train.lr=", "expected float"), ("train.compile=", "expected bool"),
+                               ("train.max_steps=", "expected int")):
+        with pytest.raises(ConfigError, match=f"{re.escape(override)} gives no value: {expected}"):
+            build_config(PretrainConfig, overrides=[override])
+
+
+def test_a_key_below_a_single_value_names_it():
+    """``data`` is the shards' URI: ``data.shards=...`` is refused as a key, not as a 'DictConfig'."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.shards' in command line: 'data' is a "
+                                          r"single value \(str\), not a section"):
+        build_config(PretrainConfig, overrides=["data.shards=s3://b/x"])
+    with pytest.raises(ConfigError, match=r"'train.lr.peak' in y.yaml: 'train.lr' is a single value"):
+        build_config(PretrainConfig, {"train": {"lr": {"peak": 1}}}, source="y.yaml")
+    cfg = build_config(PretrainConfig, overrides=["scaling.worker_resources={accel: 1}"])
+    assert cfg.scaling.worker_resources == {"accel": 1}  # a mapping-typed key still takes a mapping

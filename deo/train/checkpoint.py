@@ -12,7 +12,7 @@ A checkpoint folder holds one file, ``state.pt`` (``torch.save`` of plain tensor
 | ``optimizer``, ``scaler`` | optimizer and grad-scaler states |
 | ``step`` | optimizer steps done |
 | ``data_position`` | :class:`deo.data.sampling.DataPosition` as a dict |
-| ``rng`` / ``rng_per_rank`` | torch (CPU and the rank's CUDA device) / numpy / python RNG states of rank 0 / of every rank |
+| ``rng_per_rank`` | torch (CPU and the rank's CUDA device) / numpy / python RNG states of every rank (checkpoints before 2026-12 also hold rank 0's as ``rng``) |
 | ``config`` | the resolved config (dict) |
 | ``stats`` | the shard manifest's normalisation stats |
 | ``bands`` | band names per modality |
@@ -21,11 +21,15 @@ A checkpoint folder holds one file, ``state.pt`` (``torch.save`` of plain tensor
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -93,8 +97,65 @@ def restore_rng(state: dict[str, Any], seed: int, step: int) -> None:
     if len(per_rank) == world:
         set_rng_state(per_rank[rank])
         return
-    set_rng_state(state["rng"])
+    set_rng_state(per_rank[0])
     torch.manual_seed(rank_seed(seed, rank, step))
+
+
+SCRATCH_PREFIX = "deo-ckpt-"
+ORPHAN_AGE_S = 900.0
+"""A scratch folder is left alone this long after its last write even when its process is gone: a
+process in another PID namespace sharing this /tmp may be the one writing it."""
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[str]:
+    """A local temporary folder for one checkpoint on its way to storage, removed afterwards.
+
+    Its name carries the process id (``deo-ckpt-<pid>-...``), so the folders that a killed process never
+    removed (a SIGKILLed or OOM-killed worker; a checkpoint can be GBs) are removed by the next save on
+    this machine: :func:`remove_orphaned_scratch`.
+    """
+    remove_orphaned_scratch()
+    tmp = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_orphaned_scratch(root: str | None = None, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Remove the :func:`scratch_folder` folders under ``root`` (the temp dir) whose process has exited
+    and which nothing has written to for ``min_age_s``; returns their paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-")
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False) or _process_alive(int(match.group(1))):
+            continue
+        try:
+            newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in os.scandir(entry.path)])
+        except OSError:  # removed meanwhile, or not ours to read
+            continue
+        if now - newest >= min_age_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def save_state(state: dict[str, Any], folder: str) -> str:

@@ -366,7 +366,6 @@ def _checkpoint_state(task: Any, optimizer: torch.optim.Optimizer, scaler: torch
         "scaler": scaler.state_dict(),
         "step": step,
         "data_position": position.to_dict(),
-        "rng": rngs[0],
         "rng_per_rank": rngs,
         "config": to_dict(cfg),
         "stats": stats,

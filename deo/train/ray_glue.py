@@ -9,8 +9,6 @@ touches Ray Train.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import ray.train
@@ -64,13 +62,10 @@ class RayRuntime:
         if state is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        tmp = tempfile.mkdtemp(prefix="deo-ckpt-")
-        try:
+        with ckpt.scratch_folder() as tmp:
             ckpt.save_state(state, tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def report(self, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics)

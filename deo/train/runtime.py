@@ -9,8 +9,6 @@ and the GPU machine, which has no Ray); the Ray Train runtime lives in :mod:`deo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Protocol
 
 import torch
@@ -62,15 +60,12 @@ class LocalRuntime:
 
     def save(self, state: dict[str, Any] | None, metrics: dict[str, Any], step: int) -> None:
         if state is not None:
-            tmp = tempfile.mkdtemp(prefix="deo-ckpt-")
-            try:
+            with ckpt.scratch_folder() as tmp:
                 path = ckpt.save_state(state, tmp)
                 with open(path, "rb") as f:
                     storage.write_bytes(
                         storage.join(self.run_uri, ckpt.checkpoint_name(step), ckpt.STATE_FILE), f.read()
                     )
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             self._prune()
         dist.barrier()
 

@@ -9,9 +9,9 @@
 #                                       # SECONDS (timeout_s SECONDS + 30)
 # Through the device tool with carry [".whl", ".public"]: .whl holds the omegaconf, antlr4 and timm wheels
 # (the machine has torch but not these), .public/DEO-FM a checkout of the public code
-# (git clone https://github.com/wolfilip/DEO-FM .public/DEO-FM). The lent machines are H200s, not issue
-# 10's H100, so the public code's step is measured first, on the same GPU, and every ratio is taken
-# against it (gpu_step --public-json). Results go to /tmp/g (the compile caches beside them are large);
+# (git clone https://github.com/wolfilip/DEO-FM .public/DEO-FM). Name kind nvidia-h100-x1 (issue 10's GPU)
+# when status lists it; the call may still land on an H200, so the public code's step is measured first,
+# on the same GPU, and every ratio is taken against it (gpu_step --public-json). Results go to /tmp/g (the compile caches beside them are large);
 # the JSONs are copied to $OUT every 10 s and when the script ends, so a call killed at its time limit
 # still brings back what finished. DEO_GPU_SESSION_SMOKE=1 runs the same calls on a CPU with --smoke
 # (tiny sizes, compiled variants cut at once), to check the script before spending device time on it.

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deo.config import ConfigError, fail, load_config  # noqa: E402
 from deo.eval.config import EvalConfig  # noqa: E402
+from deo.ray_cluster import warn_if_job_scratch  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval" / "default.yaml"
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(EvalConfig, argv, DEFAULT_CONFIG, title=__doc__.strip().splitlines()[0])
         from deo.eval.evaluate import evaluate
 
+        warn_if_job_scratch("out" if cfg.out else "checkpoint", cfg.out or cfg.checkpoint)  # where it writes
         report = evaluate(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deo.config import ConfigError, fail, load_config  # noqa: E402
 from deo.eval.config import ExportConfig  # noqa: E402
+from deo.ray_cluster import warn_if_job_scratch  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "export" / "default.yaml"
 
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(ExportConfig, argv, DEFAULT_CONFIG, title=__doc__.strip().splitlines()[0])
         from deo.export import export_checkpoint, write_summary
 
+        warn_if_job_scratch("out" if cfg.out else "checkpoint", cfg.out or cfg.checkpoint)  # where it writes
         out, header = export_checkpoint(cfg.checkpoint, cfg.out)
         summary = write_summary(out, header, cfg.summary)
     except (ConfigError, ValueError, FileNotFoundError) as e:

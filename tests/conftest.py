@@ -228,6 +228,24 @@ def ray_local():
     ray.shutdown()
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop what a test started with ``start_new_session=True`` (e.g. ``ray start --head --block``), by its
+    process group: SIGTERM, then SIGKILL after ``grace_s``, then SIGKILL to stragglers of the group."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1)
+    try:  # children that outlived the leader (a fake cluster's raylets)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: int = 900):
     """Run a pipeline as a user does (``python pipelines/x.py ...``); returns CompletedProcess."""
     full_env = dict(os.environ)

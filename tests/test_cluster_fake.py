@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import yaml
 
 from deo.cluster import INGEST_RESOURCE, TRAIN_RESOURCE
 
-from conftest import REPO, S3Server, free_port
+from conftest import REPO, S3Server, free_port, stop_process_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -144,17 +143,7 @@ def fake_cluster(s3_server: S3Server) -> Iterator[FakeCluster]:
             time.sleep(1)
         yield FakeCluster(gcs=f"127.0.0.1:{port}", dashboard=address)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        time.sleep(1)
-        try:  # stragglers of the group (fake nodes' raylets)
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(head, grace_s=3)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -68,7 +68,7 @@ class EvalConfig:
 class ExportConfig:
     """pipelines/export.py: write backbone.safetensors from a run."""
 
-    checkpoint: str = option("runs/default", help="run folder (latest checkpoint) or checkpoint_* folder")
+    checkpoint: str = option("runs/default", help="run folder (latest checkpoint), checkpoint_* folder or .safetensors")
     out: str = option("", help="destination .safetensors path or URI (empty: <run folder>/backbone.safetensors)")
     summary: str = option("", help="where to write the summary JSON (empty: beside the export, "
                           "backbone.safetensors -> backbone.summary.json)")

@@ -9,13 +9,14 @@ its open datasets (:class:`RasterCache`) across tasks, and recreates the driver'
 Cluster pools: every probe and job task requests ``ray_resources`` (e.g. ``{deo_ingest: 1}``, the
 resource the CPU ingestion pool of ``cluster/*.yaml`` advertises), so ingestion lands on that pool and
 its autoscaler scales it. Ray would leave a task asking for a resource no node has pending forever,
-so :func:`check_resources` fails first, naming the key, unless an autoscaler can add such nodes.
+so :func:`deo.ray_cluster.check_resources` fails first, naming the key, unless an autoscaler can add
+such nodes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from deo.config import build_config, to_dict
 from deo.ingest.config import IngestConfig
 from deo.ingest.run import probe, run_job
 from deo.io.raster import RasterCache, apply_storage_env, storage_env
+from deo.ray_cluster import check_resources, start_or_join
 
 _CACHE: RasterCache | None = None
 
@@ -60,65 +62,18 @@ def _job_batch(batch: dict[str, np.ndarray], cfg: dict[str, Any], env: dict[str,
         yield {"summary": np.array([json.dumps(summary)], dtype=object)}
 
 
-def init_ray() -> None:
-    """Start or join Ray: joins ``RAY_ADDRESS`` or a running cluster, else starts a local one."""
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=False)
-
-
-def autoscaler_present() -> bool:
-    """Whether the connected cluster has an autoscaler that can launch nodes (not Ray's read-only one).
-
-    A plain ``ray start``/``ray.init`` head also runs the autoscaler monitor, with a read-only provider
-    whose node types are the live nodes themselves (named ``node_<node id>``); a launched cluster
-    (``ray up``, KubeRay, ``cluster/local-fake.yaml``) names its node types in its config.
-    """
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    if is_autoscaler_v2(fetch_from_server=True):
-        return True
-    raw = _internal_kv_get("__autoscaling_status")
-    if not raw:
-        return False
-    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
-    return any(t != f"node_{node}" for node, t in mapping.items())
-
-
-def check_resources(resources: Mapping[str, float]) -> None:
-    """Fail fast when the cluster cannot ever run a task asking for ``resources``.
-
-    Raises:
-        ValueError: a requested custom resource is missing (or short) on the cluster and no
-            autoscaler can add nodes; the message names the ``ray_resources.<key>`` config key.
-    """
-    if not resources:
-        return
-    have = ray.cluster_resources()
-    short = {k: v for k, v in resources.items() if have.get(k, 0.0) < v}
-    if not short or autoscaler_present():
-        return
-    custom = {k: v for k, v in have.items() if not k.startswith("node:") and k not in
-              ("CPU", "GPU", "memory", "object_store_memory")}
-    k, v = next(iter(short.items()))
-    raise ValueError(
-        f"ray_resources.{k}={v}: the Ray cluster has {have.get(k, 0.0)} {k} and no autoscaler to add nodes "
-        f"with it (custom resources here: {custom or 'none'}); start the nodes with --resources "
-        f"'{{\"{k}\": N}}', use a cluster from cluster/, or drop ray_resources.{k}"
-    )
-
-
 def prepare(cfg: IngestConfig) -> None:
     """Start or join Ray and check that the cluster can run tasks requesting ``cfg.ray_resources``."""
-    init_ray()
-    check_resources(cfg.ray_resources)
+    start_or_join(log_to_driver=False)
+    check_resources(cfg.ray_resources, {k: f"ray_resources.{k}" for k in cfg.ray_resources},
+                    fix="drop it from ray_resources")
 
 
 def probe_all(sources: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
     """Probe every source on Ray Data (scenes -> window plans), in input order."""
     if not sources:
         return []
-    init_ray()
+    start_or_join(log_to_driver=False)
     items = [{"source": json.dumps(s)} for s in sources]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8))
     out = ds.map_batches(_probe_batch, batch_size=16, fn_kwargs={"cfg": to_dict(cfg), "env": storage_env()},
@@ -132,7 +87,7 @@ def run_jobs(jobs: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[dict[str
     """Run jobs on Ray Data (windows -> tiles -> shard files); yields job summaries as they finish."""
     if not jobs:
         return
-    init_ray()
+    start_or_join(log_to_driver=False)
     items = [{"job": json.dumps(j)} for j in jobs]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     out = ds.map_batches(_job_batch, batch_size=1, fn_kwargs={"cfg": to_dict(cfg), "env": storage_env()},

@@ -46,6 +46,7 @@ from deo.ingest.tiling import TileMaker, WindowReadError, windows_of
 from deo.io import storage
 from deo.io.raster import RasterCache
 from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema
+from deo.ray_cluster import warn_if_job_scratch
 
 PARTS = "_parts"
 """Folder (inside the output) of per-job summaries; a job is complete when its summary exists."""
@@ -437,6 +438,7 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
     """
     start = time.perf_counter()
     output = cfg.output.rstrip("/")
+    warn_if_job_scratch("output", output)
     if cfg.use_ray:
         from deo.ingest import ray_data
 

@@ -169,7 +169,7 @@ class ScalingConfig:
         help="ddp: replicate the student on every worker; fsdp: shard its weights, gradients and AdamW "
         "state over the workers (FSDP2; memory mode for big students, see docs/training.md)",
     )
-    address: str = option("", help="Ray address (empty: the job's cluster or a new local Ray)")
+    address: str = option("", help="Ray address (empty: RAY_ADDRESS, as in a job's driver, else the cluster `ray start` left running here, else a new local Ray)")
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

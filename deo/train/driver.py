@@ -18,6 +18,7 @@ from deo.config import ConfigError, build_config, config_changes, read_yaml
 from deo.data.loader import check_shard_files
 from deo.io import storage
 from deo.io.shards import ShardDataset
+from deo.ray_cluster import warn_if_job_scratch
 from deo.train.config import PretrainConfig
 
 DEFAULT_DATA = "runs/shards/samples"
@@ -165,48 +166,20 @@ def warn_if_config_changed(run_uri: str, cfg: PretrainConfig) -> None:
 
 
 def _init_ray(cfg: PretrainConfig) -> None:
-    import ray
+    """Start or join Ray, then check that the cluster can ever hold the workers and that they can write
+    the run folder."""
+    from deo.ray_cluster import check_cluster_storage, check_resources, start_or_join
+    from deo.train.ray_glue import worker_resources
 
-    if ray.is_initialized():
-        return
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:  # a local Ray for the embedded default
-        # the dashboard's state API lets Ray Train's placement-group cleaner watch its controller
-        ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=True,
-                 configure_logging=False)
+    start_or_join(cfg.scaling.address)
+    s = cfg.scaling
+    per_worker = worker_resources(s)
+    per_key = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker (scaling.use_gpu=true)"}
+    check_resources({k: v * s.num_workers for k, v in per_worker.items()},
+                    {k: f"scaling.num_workers={s.num_workers} x {per_key.get(k, f'scaling.worker_resources.{k}')}"
+                     for k in per_worker},
+                    fix="fewer or smaller workers")
     check_cluster_storage({"run.storage": cfg.run.storage}, {"data": cfg.data})
-
-
-def check_cluster_storage(written: dict[str, str], read: dict[str, str]) -> None:
-    """Fail fast when workers would write to a local path of a cluster that has (or may grow) other nodes.
-
-    Args:
-        written: config key -> URI the workers write to (checkpoints, run folders): object storage
-            required on such a cluster (a ``file://`` URI is a local path too).
-        read: config key -> URI they read: a local path only gets a warning (a shared filesystem
-            mounted on every node at the same path works).
-
-    Raises:
-        ConfigError: naming the key, when a ``written`` URI is local on a multi-node or autoscaling cluster.
-    """
-    import ray
-
-    from deo.ingest.ray_data import autoscaler_present
-
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes <= 1 and not autoscaler_present():
-        return
-    where = f"the cluster has {nodes} nodes" if nodes > 1 else "the cluster's autoscaler adds nodes"
-    for key, uri in written.items():
-        if not storage.is_remote(uri):
-            raise ConfigError(f"{key}={uri!r} is a local path but {where}, whose workers cannot write "
-                              "there for the others: use object storage (s3://, gs://)")
-    for key, uri in read.items():
-        if not storage.is_remote(uri):
-            print(f"warning: {key}={uri!r} is a local path but {where}: every node must see it at that "
-                  "path (a shared filesystem), or use object storage", file=sys.stderr, flush=True)
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
@@ -221,10 +194,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         return PretrainResult(run_uri, done, resumed_finished=True)
     validate_shard_files(cfg)
     check_resumable(run_uri, cfg)
-    if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in cfg.run.storage \
-            and not cfg.run.storage.startswith("/"):
-        print(f"warning: run.storage={cfg.run.storage!r} is relative; under `ray job submit` it "
-              f"lands in Ray's temporary working dir ({os.getcwd()}) and vanishes", file=sys.stderr)
+    warn_if_job_scratch("run.storage", cfg.run.storage)
     _init_ray(cfg)
     from deo.train.ray_glue import build_trainer
 

@@ -16,7 +16,7 @@ import ray.train.torch
 
 from deo.config import build_config, to_dict
 from deo.train import checkpoint as ckpt
-from deo.train.config import PretrainConfig
+from deo.train.config import PretrainConfig, ScalingConfig
 
 # Environment that points storage clients at S3-compatible endpoints; forwarded to workers. Secrets
 # (keys, tokens) are never forwarded: workers get credentials from their own environment or role.
@@ -86,6 +86,15 @@ def storage_path(uri: str) -> str:
     return os.path.abspath(uri.removeprefix("file://"))
 
 
+def worker_resources(s: ScalingConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for: its CPUs, GPUs when ``use_gpu``, and ``worker_resources``."""
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    resources.update(s.worker_resources)
+    return resources
+
+
 def build_trainer(cfg: PretrainConfig, run_uri: str, callbacks: list[Any] | None = None
                   ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer for ``cfg`` (scaling, failure retries, checkpoints kept).
@@ -94,10 +103,7 @@ def build_trainer(cfg: PretrainConfig, run_uri: str, callbacks: list[Any] | None
         callbacks: Ray Train user callbacks, e.g. Tune's report callback inside a sweep trial.
     """
     s = cfg.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    resources.update(s.worker_resources)
+    resources = worker_resources(s)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # Ray 2.60's Train workers both print and log every print() (Ray's worker stdout is not
     # sys.__stdout__, so its print patch tees): each progress line would reach the driver twice.

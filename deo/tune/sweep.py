@@ -16,13 +16,17 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-import ray
 from ray import tune
 
 from deo.config import build_config, read_yaml, to_dict, to_yaml
 from deo.io import storage
+from deo.ray_cluster import (
+    check_cluster_storage,
+    check_resources,
+    start_or_join,
+    warn_if_job_scratch,
+)
 from deo.train.config import PretrainConfig
-from deo.train.driver import check_cluster_storage
 from deo.tune.config import SweepConfig
 from deo.tune.space import overrides_from_params, to_tune_space
 
@@ -76,6 +80,24 @@ def trial_config(sweep: SweepConfig, base: dict[str, Any], params: dict[str, Any
     if not base.get("train", {}).get("compile_cache"):  # trials compile the same graphs: share the code
         overrides.append(f"train.compile_cache={storage.join(sweep.storage, sweep.name, 'compile_cache')}")
     return build_config(PretrainConfig, base, overrides, source=sweep.pretrain_config)
+
+
+def check_trial_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
+    """Fail fast when the cluster can never run one trial: its trainable and its TorchTrainer's workers.
+
+    Raises:
+        ConfigError: naming the ``resources.*`` key, as :func:`deo.ray_cluster.check_resources` does.
+    """
+    from deo.train.ray_glue import worker_resources
+
+    r = sweep.resources
+    per_worker = worker_resources(trial_config(sweep, base, {}, "fit_check").scaling)
+    needed = {k: v * r.num_workers for k, v in per_worker.items()}
+    needed["CPU"] += r.trainable_cpus
+    keys = {"CPU": f"resources.num_workers={r.num_workers} x resources.cpus_per_worker + resources.trainable_cpus",
+            "GPU": f"resources.num_workers={r.num_workers} x scaling.gpus_per_worker (resources.use_gpu=true)"}
+    check_resources(needed, {k: keys.get(k, f"scaling.worker_resources.{k} of pretrain_config") for k in needed},
+                    fix="smaller trials")
 
 
 def _trial(params: dict[str, Any], sweep_dict: dict[str, Any], base: dict[str, Any]) -> None:
@@ -135,14 +157,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     pretrain = build_config(PretrainConfig, read_yaml(sweep.pretrain_config), sweep.overrides,
                             source=sweep.pretrain_config)
     space = to_tune_space(sweep.space)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # the dashboard stays on: Tune running Train leaks placement groups without it
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False)
+    start_or_join()
+    warn_if_job_scratch("storage", sweep.storage)
     # resolved here, on the driver: the trials run in working directories of Ray's own
     sweep = replace(sweep, storage=_abs(sweep.storage))
+    check_trial_fits(sweep, base_config(pretrain))
     check_cluster_storage({"storage": sweep.storage}, {"data": pretrain.data})
     storage_root = sweep.storage
     sweep_uri = storage.join(storage_root, sweep.name)

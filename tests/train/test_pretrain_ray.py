@@ -13,7 +13,7 @@ import pytest
 from deo.config import build_config, read_yaml
 from deo.train.config import PretrainConfig
 
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, stop_process_group
 from tests_helpers import REPO, metric_lines
 
 TINY = ["train.batch_size=8", "views.n_local=2", "run.log_every=1", "run.tensorboard=false",
@@ -59,13 +59,13 @@ def test_a_cluster_with_other_nodes_needs_object_storage_for_what_workers_write(
     autoscaler had not added the GPU nodes yet passed."""
     import ray
 
+    from deo import ray_cluster
     from deo.config import ConfigError
-    from deo.ingest import ray_data
-    from deo.train.driver import check_cluster_storage
+    from deo.ray_cluster import check_cluster_storage
 
     def cluster(nodes, autoscaler):
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes)
-        monkeypatch.setattr(ray_data, "autoscaler_present", lambda: autoscaler)
+        monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda: autoscaler)
 
     cluster(1, False)
     check_cluster_storage({"run.storage": "/tmp/runs"}, {"data": "/tmp/shards"})  # one machine: fine
@@ -147,14 +147,45 @@ def ray_head(s3_server, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray head did not start")
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    import shutil
-
+    stop_process_group(proc)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_pretrain_joins_the_cluster_ray_start_left_running_and_checks_its_resources(sample_shards, tmp_path):
+    """With no address, pretraining joins the cluster a `ray start` left on this machine, as ingest and
+    Ray itself do (it used to crash there: Ray refuses num_cpus when joining), and refuses up front
+    workers that the cluster can never hold (Ray Train used to wait for them forever)."""
+    import tempfile
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--resources", json.dumps({"deo_here": 1}), "--include-dashboard=false"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while not os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster")):
+            assert time.time() < deadline and head.poll() is None, "ray start did not come up"
+            time.sleep(1)
+        base = ["pipelines/pretrain.py", f"data={sample_shards}", f"run.storage={tmp_path}", "train.max_steps=2",
+                "run.checkpoint_every=2", *TINY]
+        r = subprocess.run([sys.executable, *base, "run.name=joined", "scaling.worker_resources={deo_here: 1}"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # only that cluster has deo_here
+        assert [x["step"] for x in metric_lines(tmp_path / "joined")] == [1, 2]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, *base, "run.name=never", "scaling.num_workers=4"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and time.time() - t0 < 120
+        assert "scaling.num_workers=4 x scaling.cpus_per_worker needs 4 CPU but the Ray cluster has 2" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        stop_process_group(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.ray

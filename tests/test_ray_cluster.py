@@ -1,0 +1,58 @@
+"""deo.ray_cluster without a cluster: what is refused up front, and the `ray job submit` scratch warning."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from deo import ray_cluster
+from deo.config import ConfigError, build_config
+from deo.ray_cluster import check_resources, warn_if_job_scratch
+from deo.train.config import PretrainConfig
+from deo.tune.config import SweepConfig
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """Stand-ins for a connected cluster's resources and whether it autoscales."""
+    state = {"have": {"CPU": 2.0, "memory": 1e9, "node:127.0.0.1": 1.0, "deo_ingest": 2.0}, "autoscaler": False}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(state["have"]))
+    monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda: state["autoscaler"])
+    return state
+
+
+def test_a_request_the_cluster_can_never_grant_names_its_key(cluster):
+    check_resources({"CPU": 2.0, "deo_ingest": 1.0}, {})  # fits
+    with pytest.raises(ConfigError, match=r"^ray_resources.deo_gpu needs 1 deo_gpu but the Ray cluster has 0 and "
+                                          r"no autoscaler .*\{'deo_ingest': 2.0\}.*--resources '\{\"deo_gpu\": N\}'.*"
+                                          r"or drop it$"):
+        check_resources({"deo_gpu": 1.0}, {"deo_gpu": "ray_resources.deo_gpu"}, fix="drop it")
+    with pytest.raises(ConfigError, match=r"^scaling.x needs 4 CPU but the Ray cluster has 2 and"):
+        check_resources({"CPU": 4.0}, {"CPU": "scaling.x"})
+    cluster["autoscaler"] = True  # it may add nodes that have it: Ray waits for them
+    check_resources({"deo_gpu": 1.0, "CPU": 64.0}, {})
+
+
+def test_a_sweep_whose_trial_cannot_fit_fails_before_tune_starts(cluster):
+    from deo.tune.sweep import base_config, check_trial_fits
+
+    base = base_config(build_config(PretrainConfig))
+    sweep = build_config(SweepConfig, overrides=["resources.num_workers=2", "resources.cpus_per_worker=1"])
+    check_trial_fits(build_config(SweepConfig, overrides=["resources.num_workers=2"]), base)  # 2 x 0.5 + 0.01
+    with pytest.raises(ConfigError, match=r"resources.num_workers=2 x resources.cpus_per_worker \+ "
+                                          r"resources.trainable_cpus needs 2.01 CPU"):
+        check_trial_fits(sweep, base)
+    with pytest.raises(ConfigError, match=r"needs 2 GPU but the Ray cluster has 0"):
+        check_trial_fits(build_config(SweepConfig, overrides=["resources.num_workers=2", "resources.use_gpu=true"]),
+                         base)
+
+
+def test_relative_outputs_under_ray_job_submit_are_warned_about(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
+    assert not warn_if_job_scratch("output", "runs/shards")  # not a job: the user's own cwd
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    for uri in ("s3://b/runs", "/data/runs", "file:///data/runs"):
+        assert not warn_if_job_scratch("run.storage", uri)
+    assert capsys.readouterr().err == ""
+    assert warn_if_job_scratch("run.storage", "runs")
+    assert "warning: run.storage='runs' is relative: under `ray job submit`" in capsys.readouterr().err

@@ -3,7 +3,8 @@
     python pipelines/sweep.py --config configs/sweep/alpha_gamma.yaml [key=value ...]
 
 Rerunning the same command resumes an interrupted sweep. Writes <storage>/<name>/results.csv,
-best.yaml (a pretrain config with the best weights) and curves.png. `--help` lists every key.
+best.yaml (the best trial's pretrain config, run.name <name>-best; ties go to the longest-trained,
+then the first trial) and curves.png. `--help` lists every key.
 """
 
 import sys

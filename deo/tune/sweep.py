@@ -213,10 +213,14 @@ def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:
                "error": _error_line(res.error)}
         rows.append(row)
         curves[trial_id] = (steps, values)
+    rows.sort(key=lambda r: r["trial"])  # Tune's order varies between a run and its resume
     scored = [r for r in rows if r[sweep.metric] is not None]
     best = None
     if scored:
-        best = (max if sweep.mode == "max" else min)(scored, key=lambda r: r[sweep.metric])
+        # ties (a small probe set gives few distinct values) go to the trial that trained longest, then to
+        # the first trial id (max keeps the first of equals): a rerun names the same best trial
+        sign = 1 if sweep.mode == "max" else -1
+        best = max(scored, key=lambda r: (sign * r[sweep.metric], r["steps"] or 0))
     results_csv = storage.join(sweep_uri, "results.csv")
     buf = io.StringIO()
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "trial", k))
@@ -227,10 +231,13 @@ def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:
     best_yaml = storage.join(sweep_uri, "best.yaml")
     if best is not None:
         params = {k: best[k] for k in sweep.space}
+        # its own run name: as --config it must not resume into (or find finished) the base config's run
         cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config),
-                           [*sweep.overrides, *overrides_from_params(params)])
-        storage.write_text(best_yaml, f"# best trial {best['trial']}: {sweep.metric}="
-                                      f"{best[sweep.metric]}\n" + to_yaml(cfg))
+                           [*sweep.overrides, *overrides_from_params(params), f"run.name={sweep.name}-best"])
+        storage.write_text(best_yaml, f"# best trial {best['trial']}: {sweep.metric}={best[sweep.metric]}\n"
+                                      "# its config, the sweep's overrides included; a full run from it:\n"
+                                      "#   python pipelines/pretrain.py --config best.yaml train.max_steps=N "
+                                      "run.export=true\n" + to_yaml(cfg))
     plot = storage.join(sweep_uri, "curves.png")
     storage.write_bytes(plot, _plot(curves, sweep.metric))
     storage.write_text(storage.join(sweep_uri, "summary.json"),

@@ -439,11 +439,11 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
     start = time.perf_counter()
     output = cfg.output.rstrip("/")
     warn_if_job_scratch("output", output)
-    if cfg.use_ray:
+    sources, skipped = discover(cfg)  # on the driver: nothing found (a mistyped path) needs no Ray
+    if cfg.use_ray and sources:
         from deo.ingest import ray_data
 
         ray_data.prepare(cfg)  # fails here, before any work, when no node can run the ingest tasks
-    sources, skipped = discover(cfg)
     log(f"[ingest] {len(sources)} sources ({sum(s.kind.startswith('s2') for s in sources)} S2 scenes, "
         f"{sum(s.kind == 's1_pair' for s in sources)} S1 pairs), {len(skipped)} inputs skipped or missing")
     source_dicts = [asdict(s) for s in sources]

@@ -94,3 +94,17 @@ def test_a_failed_window_skips_the_rest_of_its_source_in_the_job(tmp_path, monke
         cache.close()
     assert calls == [(0, 0), (1, 0)]
     assert summary["sources"]["k"]["error"].startswith("read failed at window (1, 0)")
+
+
+def test_inputs_that_match_nothing_fail_without_starting_ray(tmp_path, monkeypatch):
+    """A mistyped input path used to cost a Ray start (10-15 s on 2 cores) before ingest found nothing."""
+    from deo.ingest import ray_data
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started for an ingest with nothing to read")
+
+    monkeypatch.setattr(ray_data, "start_or_join", no_ray)
+    cfg = build_config(IngestConfig, overrides=[f"s2=[{tmp_path / 'no_such_folder'}]", "aerial=[]", "use_ray=true",
+                                                f"output={tmp_path / 'out'}"])
+    summary = ingest(cfg, log=lambda _: None)
+    assert summary["counts"]["rows"] == 0 and summary["sources"]["failed"] == 1  # recorded as missing

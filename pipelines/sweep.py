@@ -5,7 +5,8 @@
 Rerunning the same command resumes an interrupted sweep. Writes <storage>/<name>/results.csv,
 best.yaml (the best trial's pretrain config, run.name <name>-best; ties go to the longest-trained,
 then the first trial) and curves.png. results.csv's status: TERMINATED (trained to train.max_steps),
-STOPPED (stopped early by ASHA; Tune's own table calls these TERMINATED too) or ERROR (with its error line). `--help` lists every key.
+STOPPED (stopped early by ASHA; Tune's own table calls these TERMINATED too) or ERROR (with its error
+line). `--help` lists every key.
 """
 
 import sys

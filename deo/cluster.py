@@ -18,6 +18,15 @@ got str 'eight'``. The command exits 1 when any file fails.
 
 The resources below are the contract between the cluster files and the pipelines: worker node types
 advertise them, ingestion tasks and training workers request them, so each pool scales for its stage.
+
+The runtime side, used by every pipeline that runs on Ray: :func:`start_or_join` (the cluster at
+``scaling.address`` or ``RAY_ADDRESS``, as inside a ``ray job submit`` driver, else the one a ``ray start``
+left running on this machine, else a new local Ray), then checks that fail fast, naming the config key,
+where Ray would otherwise wait forever or lose the output: :func:`check_resources` (tasks or workers ask
+for more of a resource than the cluster has, or than any one node has, and no autoscaler can add nodes),
+:func:`check_cluster_storage` (workers would write to a local path on a cluster with other nodes) and
+:func:`warn_if_job_scratch` (a relative output path under ``ray job submit`` lands in Ray's temporary copy
+of the working dir, which Ray deletes later).
 """
 
 from __future__ import annotations
@@ -25,15 +34,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
+
+from deo.config import ConfigError
+from deo.io import storage
 
 INGEST_RESOURCE = "deo_ingest"
 """Custom resource of the CPU ingestion pool: one unit per CPU of a node of that pool. Ingestion tasks
@@ -345,6 +359,143 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed += bool(errors)
     return 1 if failed else 0
 
+
+# --- the runtime side: starting or joining Ray, and checking the cluster before any work ---
+
+
+def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
+    """Connect this process to Ray (nothing when it already is).
+
+    Args:
+        address: a Ray address; empty: ``RAY_ADDRESS``, else the cluster ``ray start`` left running on
+            this machine, else a new local Ray with this machine's CPUs (Ray's own cgroup-aware count).
+        log_to_driver: stream the workers' output to this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # the dashboard (when this starts Ray) serves the state API, which Ray Train's placement-group
+    # cleaner and Tune use to watch their actors; joining a cluster ignores it
+    kwargs = {"include_dashboard": True, "configure_logging": False, "log_to_driver": log_to_driver}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    try:  # Ray truncates a fractional container quota (a 0.5-CPU pod would get 0 CPUs): at least 1
+        ray.init(num_cpus=max(1, len(os.sched_getaffinity(0))), **kwargs)
+    except ValueError as e:  # Ray found a cluster that `ray start` left here, which refuses num_cpus
+        if "existing cluster" not in str(e):
+            raise
+        ray.init(**kwargs)
+
+
+def autoscaler_present(wait_s: float = 10.0) -> bool:
+    """Whether the connected cluster has an autoscaler that can launch nodes (not Ray's read-only one).
+
+    A plain ``ray start``/``ray.init`` head also runs the autoscaler monitor, with a read-only provider
+    whose node types are the live nodes themselves (named ``node_<node id>``); a launched cluster
+    (``ray up``, KubeRay, ``cluster/local-fake.yaml``) names its node types in its config. A v1 monitor
+    that has not reported yet (a head that just came up) is waited for up to ``wait_s``.
+    """
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True
+    deadline = time.monotonic() + wait_s
+    while not (raw := _internal_kv_get("__autoscaling_status")) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if not raw:
+        return False
+    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(t != f"node_{node}" for node, t in mapping.items())
+
+
+def check_resources(needed: Mapping[str, float], keys: Mapping[str, str], fix: str = "",
+                    per_unit: Mapping[str, float] | None = None) -> None:
+    """Fail fast when the cluster can never grant a request (Ray would leave it pending forever).
+
+    Args:
+        needed: resource -> amount the pipeline's tasks or workers ask for at once (cluster totals).
+        keys: resource -> the config key(s) that asked for it, for the message.
+        fix: what else to try, appended to the message.
+        per_unit: what one task or worker asks for, which must fit on a single node.
+
+    Raises:
+        ConfigError: naming the key, when a resource is short on the cluster (or no node can hold one
+            unit) and no autoscaler can add nodes.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in needed.items() if _units(v) > _units(have.get(k, 0.0))}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    unit = {k: v for k, v in (per_unit or {}).items() if v > 0}
+    no_node = bool(unit) and not any(all(_units(v) <= _units(n.get(k, 0.0)) for k, v in unit.items())
+                                     for n in nodes)
+    if not (short or no_node) or autoscaler_present():
+        return
+    custom = {k: v for k, v in have.items() if not k.startswith(("node:", "accelerator_type:")) and k not in
+              ("CPU", "GPU", "memory", "object_store_memory")}
+    where = f"(custom resources here: {custom or 'none'})"
+    if short:
+        k, v = next(iter(short.items()))
+        start = (f"start the nodes with --resources '{{\"{k}\": N}}', " if k not in ("CPU", "GPU") else "")
+        raise ConfigError(
+            f"{keys.get(k, k)} needs {v:g} {k} but the Ray cluster has {have.get(k, 0.0):g} and no autoscaler "
+            f"to add nodes {where}; {start}use a cluster from cluster/" + (f", or {fix}" if fix else ""))
+    ask = ", ".join(f"{v:g} {k}" for k, v in unit.items())
+    biggest = ", ".join(f"{k} {max(n.get(k, 0.0) for n in nodes):g}" for k in unit)
+    raise ConfigError(
+        f"one worker asks for {ask} ({', '.join(keys.get(k, k) for k in unit)}) but no node of the Ray cluster "
+        f"has that much (the most any node has: {biggest}) and no autoscaler can add one; "
+        f"use a cluster from cluster/" + (f", or {fix}" if fix else ""))
+
+
+def _units(amount: float) -> int:
+    """Ray's fixed-point resource units (1e-4): 6 x 0.8 + 0.2 CPU fits 5 CPUs, as it does in Ray."""
+    return round(amount * 10_000)
+
+
+def check_cluster_storage(written: dict[str, str], read: dict[str, str]) -> None:
+    """Fail fast when workers would write to a local path of a cluster that has (or may grow) other nodes.
+
+    Args:
+        written: config key -> URI the workers write to (checkpoints, run folders): object storage
+            required on such a cluster (a ``file://`` URI is a local path too).
+        read: config key -> URI they read: a local path only gets a warning (a shared filesystem
+            mounted on every node at the same path works).
+
+    Raises:
+        ConfigError: naming the key, when a ``written`` URI is local on a multi-node or autoscaling cluster.
+    """
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1 and not autoscaler_present():
+        return
+    where = f"the cluster has {nodes} nodes" if nodes > 1 else "the cluster's autoscaler adds nodes"
+    for key, uri in written.items():
+        if not storage.is_remote(uri):
+            raise ConfigError(f"{key}={uri!r} is a local path but {where}, whose workers cannot write "
+                              "there for the others: use object storage (s3://, gs://)")
+    for key, uri in read.items():
+        if not storage.is_remote(uri):
+            print(f"warning: {key}={uri!r} is a local path but {where}: every node must see it at that "
+                  "path (a shared filesystem), or use object storage", file=sys.stderr, flush=True)
+
+
+def warn_if_job_scratch(key: str, uri: str) -> bool:
+    """Under ``ray job submit``, warn that a relative local ``uri`` (config ``key``) lands in the job's
+    temporary copy of ``--working-dir``, which Ray deletes when the job no longer needs it; returns
+    whether it warned."""
+    if not os.environ.get("RAY_JOB_SUBMISSION_ID") or storage.is_remote(uri) \
+            or os.path.isabs(storage.strip_file_scheme(uri)):
+        return False
+    print(f"warning: {key}={uri!r} is relative: under `ray job submit` it lands in Ray's temporary copy of "
+          f"the working dir ({os.path.abspath(storage.strip_file_scheme(uri))}), which Ray deletes later; "
+          f"give {key} an absolute path or object storage (s3://...)", file=sys.stderr, flush=True)
+    return True
 
 if __name__ == "__main__":
     sys.exit(main())

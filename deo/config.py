@@ -280,14 +280,24 @@ def build_config(
     if cli:
         _check_keys(cls, cli, "command line")
         layers.append(OmegaConf.create(cli))
+    keys = flat_keys(cls)
+    # a mapping given whole on the command line replaces the YAML's (OmegaConf would merge the two, so
+    # worker_resources= could not clear {deo_train: 1}); key.entry=v still edits one entry
+    whole = [k for k in (o.split("=", 1)[0].strip().lstrip("+") for o in overrides if "=" in o)
+             if k in keys and typing.get_origin(keys[k][0]) is dict]
     try:
         merged = OmegaConf.merge(base, *layers)
+        for key in whole:
+            node: Any = cli
+            for part in key.split("."):
+                node = node[part]
+            OmegaConf.update(merged, key, node, merge=False)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         # OmegaConf appends its own object model (full_key, reference_type, ...) to the message
         msg = str(getattr(e, "msg", e)).splitlines()[0]
-        tp = flat_keys(cls).get(key)
+        tp = keys.get(key)
         expected = f" (expected {_type_name(tp[0])})" if tp else ""
         raise ConfigError(f"config key '{key}': {msg}{expected}") from None
     except (TypeError, ValueError) as e:  # raised from a __post_init__

@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deo.cluster import warn_if_job_scratch  # noqa: E402
 from deo.config import ConfigError, fail, load_config  # noqa: E402
 from deo.eval.config import ExportConfig  # noqa: E402
-from deo.ray_cluster import warn_if_job_scratch  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "export" / "default.yaml"
 

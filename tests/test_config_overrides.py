@@ -43,3 +43,14 @@ def test_a_key_below_a_single_value_names_it():
         build_config(PretrainConfig, {"train": {"lr": {"peak": 1}}}, source="y.yaml")
     cfg = build_config(PretrainConfig, overrides=["scaling.worker_resources={accel: 1}"])
     assert cfg.scaling.worker_resources == {"accel": 1}  # a mapping-typed key still takes a mapping
+
+
+def test_a_mapping_given_whole_replaces_the_yamls_and_an_entry_edits_one():
+    """OmegaConf merges mappings: `scaling.worker_resources=` left reference.yaml-style {deo_train: 1} in place."""
+    yaml = {"scaling": {"worker_resources": {"deo_train": 1}}}
+    assert build_config(PretrainConfig, yaml, ["scaling.worker_resources="]).scaling.worker_resources == {}
+    got = build_config(PretrainConfig, yaml, ["scaling.worker_resources={deo_gpu: 2}"]).scaling.worker_resources
+    assert got == {"deo_gpu": 2}
+    got = build_config(PretrainConfig, yaml, ["scaling.worker_resources.deo_gpu=2"]).scaling.worker_resources
+    assert got == {"deo_train": 1, "deo_gpu": 2}
+    assert build_config(PretrainConfig, yaml).scaling.worker_resources == {"deo_train": 1}

@@ -9,7 +9,7 @@ its open datasets (:class:`RasterCache`) across tasks, and recreates the driver'
 Cluster pools: every probe and job task requests ``ray_resources`` (e.g. ``{deo_ingest: 1}``, the
 resource the CPU ingestion pool of ``cluster/*.yaml`` advertises), so ingestion lands on that pool and
 its autoscaler scales it. Ray would leave a task asking for a resource no node has pending forever,
-so :func:`deo.ray_cluster.check_resources` fails first, naming the key, unless an autoscaler can add
+so :func:`deo.cluster.check_resources` fails first, naming the key, unless an autoscaler can add
 such nodes.
 """
 
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import ray
 
+from deo.cluster import check_resources, start_or_join
 from deo.config import build_config, to_dict
 from deo.ingest.config import IngestConfig
 from deo.ingest.run import probe, run_job
 from deo.io.raster import RasterCache, apply_storage_env, storage_env
-from deo.ray_cluster import check_resources, start_or_join
 
 _CACHE: RasterCache | None = None
 

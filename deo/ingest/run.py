@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 import deo
 from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
+from deo.cluster import warn_if_job_scratch
 from deo.config import to_dict
 from deo.ingest.config import IngestConfig
 from deo.ingest.discover import Skipped, Source, discover_aerial, discover_s2, discover_sar
@@ -46,7 +47,6 @@ from deo.ingest.tiling import TileMaker, WindowReadError, windows_of
 from deo.io import storage
 from deo.io.raster import RasterCache
 from deo.io.shards import MANIFEST, SCHEMA_VERSION, rows_to_table, shard_schema
-from deo.ray_cluster import warn_if_job_scratch
 
 PARTS = "_parts"
 """Folder (inside the output) of per-job summaries; a job is complete when its summary exists."""

@@ -12,7 +12,7 @@ A checkpoint folder holds one file, ``state.pt`` (``torch.save`` of plain tensor
 | ``optimizer``, ``scaler`` | optimizer and grad-scaler states |
 | ``step`` | optimizer steps done |
 | ``data_position`` | :class:`deo.data.sampling.DataPosition` as a dict |
-| ``rng_per_rank`` | torch (CPU and the rank's CUDA device) / numpy / python RNG states of every rank (checkpoints before 2026-12 also hold rank 0's as ``rng``) |
+| ``rng_per_rank`` | torch (CPU and the rank's CUDA device) / numpy / python RNG states of every rank (older checkpoints also hold rank 0's as ``rng``; both are read) |
 | ``config`` | the resolved config (dict) |
 | ``stats`` | the shard manifest's normalisation stats |
 | ``bands`` | band names per modality |
@@ -115,7 +115,10 @@ def scratch_folder() -> Iterator[str]:
     removed (a SIGKILLed or OOM-killed worker; a checkpoint can be GBs) are removed by the next save on
     this machine: :func:`remove_orphaned_scratch`.
     """
-    remove_orphaned_scratch()
+    try:
+        remove_orphaned_scratch()
+    except Exception as e:  # tidying up after others must never fail this save
+        print(f"warning: could not remove orphaned checkpoint scratch folders: {e}", flush=True)
     tmp = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     try:
         yield tmp
@@ -128,9 +131,10 @@ def remove_orphaned_scratch(root: str | None = None, min_age_s: float = ORPHAN_A
     and which nothing has written to for ``min_age_s``; returns their paths."""
     root = root or tempfile.gettempdir()
     removed = []
-    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-")
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d{{1,9}})-")  # a pid, not any number
     try:
-        entries = list(os.scandir(root))
+        with os.scandir(root) as it:
+            entries = list(it)
     except OSError:
         return removed
     now = time.time()
@@ -139,21 +143,24 @@ def remove_orphaned_scratch(root: str | None = None, min_age_s: float = ORPHAN_A
         if not match or not entry.is_dir(follow_symlinks=False) or _process_alive(int(match.group(1))):
             continue
         try:
-            newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in os.scandir(entry.path)])
+            with os.scandir(entry.path) as it:
+                newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in it])
         except OSError:  # removed meanwhile, or not ours to read
             continue
         if now - newest >= min_age_s:
             shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+            if not os.path.exists(entry.path):
+                removed.append(entry.path)
     return removed
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; anything unclear counts as alive (its folder is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
+    except (OSError, OverflowError, ValueError):  # another user's (EPERM), or not a pid here
         return True
     return True
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from deo.bands import DEO_BANDS
+from deo.cluster import warn_if_job_scratch
 from deo.config import ConfigError, build_config, config_changes, read_yaml
 from deo.data.loader import check_shard_files
 from deo.io import storage
 from deo.io.shards import ShardDataset
-from deo.ray_cluster import warn_if_job_scratch
 from deo.train.config import PretrainConfig
 
 DEFAULT_DATA = "runs/shards/samples"
@@ -168,7 +168,7 @@ def warn_if_config_changed(run_uri: str, cfg: PretrainConfig) -> None:
 def _init_ray(cfg: PretrainConfig) -> None:
     """Start or join Ray, then check that the cluster can ever hold the workers and that they can write
     the run folder."""
-    from deo.ray_cluster import check_cluster_storage, check_resources, start_or_join
+    from deo.cluster import check_cluster_storage, check_resources, start_or_join
     from deo.train.ray_glue import worker_resources
 
     start_or_join(cfg.scaling.address)
@@ -178,7 +178,7 @@ def _init_ray(cfg: PretrainConfig) -> None:
     check_resources({k: v * s.num_workers for k, v in per_worker.items()},
                     {k: f"scaling.num_workers={s.num_workers} x {per_key.get(k, f'scaling.worker_resources.{k}')}"
                      for k in per_worker},
-                    fix="fewer or smaller workers")
+                    fix="fewer or smaller workers", per_unit=per_worker)
     check_cluster_storage({"run.storage": cfg.run.storage}, {"data": cfg.data})
 
 

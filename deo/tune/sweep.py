@@ -18,14 +18,14 @@ from typing import Any
 
 from ray import tune
 
-from deo.config import build_config, read_yaml, to_dict, to_yaml
-from deo.io import storage
-from deo.ray_cluster import (
+from deo.cluster import (
     check_cluster_storage,
     check_resources,
     start_or_join,
     warn_if_job_scratch,
 )
+from deo.config import build_config, read_yaml, to_dict, to_yaml
+from deo.io import storage
 from deo.train.config import PretrainConfig
 from deo.tune.config import SweepConfig
 from deo.tune.space import overrides_from_params, to_tune_space
@@ -86,7 +86,7 @@ def check_trial_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
     """Fail fast when the cluster can never run one trial: its trainable and its TorchTrainer's workers.
 
     Raises:
-        ConfigError: naming the ``resources.*`` key, as :func:`deo.ray_cluster.check_resources` does.
+        ConfigError: naming the ``resources.*`` key, as :func:`deo.cluster.check_resources` does.
     """
     from deo.train.ray_glue import worker_resources
 
@@ -97,7 +97,7 @@ def check_trial_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
     keys = {"CPU": f"resources.num_workers={r.num_workers} x resources.cpus_per_worker + resources.trainable_cpus",
             "GPU": f"resources.num_workers={r.num_workers} x scaling.gpus_per_worker (resources.use_gpu=true)"}
     check_resources(needed, {k: keys.get(k, f"scaling.worker_resources.{k} of pretrain_config") for k in needed},
-                    fix="smaller trials")
+                    fix="smaller trials", per_unit=per_worker)
 
 
 def _trial(params: dict[str, Any], sweep_dict: dict[str, Any], base: dict[str, Any]) -> None:
@@ -161,13 +161,14 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     warn_if_job_scratch("storage", sweep.storage)
     # resolved here, on the driver: the trials run in working directories of Ray's own
     sweep = replace(sweep, storage=_abs(sweep.storage))
-    check_trial_fits(sweep, base_config(pretrain))
+    base = base_config(pretrain)  # validates the data once, on the driver
+    check_trial_fits(sweep, base)
     check_cluster_storage({"storage": sweep.storage}, {"data": pretrain.data})
     storage_root = sweep.storage
     sweep_uri = storage.join(storage_root, sweep.name)
     r = sweep.resources
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base_config(pretrain)),
+        tune.with_parameters(_trial, sweep_dict=to_dict(sweep), base=base),
         {"CPU": r.trainable_cpus},
     )
     if tune.Tuner.can_restore(sweep_uri):

@@ -59,9 +59,9 @@ def test_a_cluster_with_other_nodes_needs_object_storage_for_what_workers_write(
     autoscaler had not added the GPU nodes yet passed."""
     import ray
 
-    from deo import ray_cluster
+    from deo import cluster as ray_cluster
+    from deo.cluster import check_cluster_storage
     from deo.config import ConfigError
-    from deo.ray_cluster import check_cluster_storage
 
     def cluster(nodes, autoscaler):
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes)

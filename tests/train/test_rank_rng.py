@@ -61,11 +61,12 @@ def test_scratch_folders_of_exited_processes_are_removed_by_the_next_save(tmp_pa
     recent_orphan = tmp_path / f"deo-ckpt-{dead}-new"
     live = tmp_path / f"deo-ckpt-{os.getppid()}-xyz"  # a running process's (pytest's parent)
     other = tmp_path / "deo-ckpt-k2j3h4"  # no pid: made before the pid was in the name, or by someone else
-    for folder in (orphan, recent_orphan, live, other):
+    huge = tmp_path / "deo-ckpt-99999999999999999999-x"  # os.kill would raise OverflowError on it
+    for folder in (orphan, recent_orphan, live, other, huge):
         folder.mkdir()
         (folder / "state.pt").write_bytes(b"x")
     old = time.time() - ckpt.ORPHAN_AGE_S - 60
-    for folder in (orphan, live, other):
+    for folder in (orphan, live, other, huge):
         os.utime(folder / "state.pt", (old, old))
         os.utime(folder, (old, old))
     with ckpt.scratch_folder() as tmp:
@@ -73,4 +74,4 @@ def test_scratch_folders_of_exited_processes_are_removed_by_the_next_save(tmp_pa
         assert os.path.dirname(tmp) == str(tmp_path)
     assert not os.path.exists(tmp)
     assert not orphan.exists()
-    assert recent_orphan.exists() and live.exists() and other.exists()
+    assert recent_orphan.exists() and live.exists() and other.exists() and huge.exists()

@@ -13,6 +13,8 @@ from deo.tune.config import SweepConfig
 from deo.tune.space import to_tune_space
 from deo.tune.sweep import _error_line, _trial_id, write_results
 
+from conftest import REPO
+
 
 def test_loguniform_spec_samples_on_a_log_scale():
     space = to_tune_space({"loss.gamma": {"type": "loguniform", "low": 0.01, "high": 100.0},
@@ -52,8 +54,8 @@ def _result(trial: str, alpha1: float, knn: list[float], steps: list[int]) -> Si
 def test_the_best_trial_does_not_depend_on_tunes_order_and_its_config_has_its_own_run_name(tmp_path):
     """A rerun of a finished sweep used to rewrite best.yaml with another of several tied trials; and
     best.yaml kept the base config's run.name, so `--config best.yaml` found runs/default instead."""
-    sweep = build_config(SweepConfig, read_yaml("configs/sweep/alpha_gamma.yaml"),
-                         [f"storage={tmp_path}"])
+    sweep = build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"),
+                         [f"storage={tmp_path}", f"pretrain_config={REPO / 'configs/pretrain/default.yaml'}"])
     trials = [_result("b_00002", 0.2, [0.3, 0.5, 0.5], [20, 40, 60]),
               _result("b_00000", 0.4, [0.5], [20]),  # as good, but stopped early by ASHA
               _result("b_00001", 0.6, [0.4, 0.5, 0.4], [20, 40, 60]),

@@ -1,13 +1,13 @@
-"""deo.ray_cluster without a cluster: what is refused up front, and the `ray job submit` scratch warning."""
+"""deo.cluster without a cluster: what is refused up front, and the `ray job submit` scratch warning."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 
-from deo import ray_cluster
-from deo.config import ConfigError, build_config
-from deo.ray_cluster import check_resources, warn_if_job_scratch
+from deo import cluster as ray_cluster
+from deo.cluster import check_resources, warn_if_job_scratch
+from deo.config import ConfigError, build_config, to_dict
 from deo.train.config import PretrainConfig
 from deo.tune.config import SweepConfig
 
@@ -16,7 +16,9 @@ from deo.tune.config import SweepConfig
 def cluster(monkeypatch):
     """Stand-ins for a connected cluster's resources and whether it autoscales."""
     state = {"have": {"CPU": 2.0, "memory": 1e9, "node:127.0.0.1": 1.0, "deo_ingest": 2.0}, "autoscaler": False}
+    state["nodes"] = [state["have"]]
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(state["have"]))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(n)} for n in state["nodes"]])
     monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda: state["autoscaler"])
     return state
 
@@ -29,14 +31,22 @@ def test_a_request_the_cluster_can_never_grant_names_its_key(cluster):
         check_resources({"deo_gpu": 1.0}, {"deo_gpu": "ray_resources.deo_gpu"}, fix="drop it")
     with pytest.raises(ConfigError, match=r"^scaling.x needs 4 CPU but the Ray cluster has 2 and"):
         check_resources({"CPU": 4.0}, {"CPU": "scaling.x"})
+    cluster["have"]["CPU"] = 5.0
+    check_resources({"CPU": 6 * 0.8 + 0.2}, {})  # 5.000000000000001 in floats: Ray counts 1e-4 units
+    cluster["nodes"] = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 3.0}]  # enough in total, but not on one node
+    cluster["have"]["GPU"] = 1.0
+    check_resources({"CPU": 4.0}, {}, per_unit={"CPU": 2.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"one worker asks for 3 CPU, 1 GPU \(k.cpu, k.gpu\) but no node .* "
+                                          r"has that much \(the most any node has: CPU 3, GPU 1\)"):
+        check_resources({"CPU": 3.0}, {"CPU": "k.cpu", "GPU": "k.gpu"}, per_unit={"CPU": 3.0, "GPU": 1.0})
     cluster["autoscaler"] = True  # it may add nodes that have it: Ray waits for them
-    check_resources({"deo_gpu": 1.0, "CPU": 64.0}, {})
+    check_resources({"deo_gpu": 1.0, "CPU": 64.0}, {}, per_unit={"CPU": 64.0})
 
 
 def test_a_sweep_whose_trial_cannot_fit_fails_before_tune_starts(cluster):
-    from deo.tune.sweep import base_config, check_trial_fits
+    from deo.tune.sweep import check_trial_fits
 
-    base = base_config(build_config(PretrainConfig))
+    base = to_dict(build_config(PretrainConfig))
     sweep = build_config(SweepConfig, overrides=["resources.num_workers=2", "resources.cpus_per_worker=1"])
     check_trial_fits(build_config(SweepConfig, overrides=["resources.num_workers=2"]), base)  # 2 x 0.5 + 0.01
     with pytest.raises(ConfigError, match=r"resources.num_workers=2 x resources.cpus_per_worker \+ "

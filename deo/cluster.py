@@ -363,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- the runtime side: starting or joining Ray, and checking the cluster before any work ---
 
 
+_STARTED_HERE = ""
+"""The GCS address of the local Ray that :func:`start_or_join` started itself (it has no autoscaler)."""
+
+
 def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
     """Connect this process to Ray (nothing when it already is).
 
@@ -381,8 +385,10 @@ def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
+    global _STARTED_HERE
     try:  # Ray truncates a fractional container quota (a 0.5-CPU pod would get 0 CPUs): at least 1
         ray.init(num_cpus=max(1, len(os.sched_getaffinity(0))), **kwargs)
+        _STARTED_HERE = ray.get_runtime_context().gcs_address
     except ValueError as e:  # Ray found a cluster that `ray start` left here, which refuses num_cpus
         if "existing cluster" not in str(e):
             raise
@@ -397,9 +403,12 @@ def autoscaler_present(wait_s: float = 10.0) -> bool:
     (``ray up``, KubeRay, ``cluster/local-fake.yaml``) names its node types in its config. A v1 monitor
     that has not reported yet (a head that just came up) is waited for up to ``wait_s``.
     """
+    import ray
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
+    if ray.is_initialized() and _STARTED_HERE == ray.get_runtime_context().gcs_address:
+        return False  # the local Ray started above: no autoscaler, and its monitor may not have reported yet
     if is_autoscaler_v2(fetch_from_server=True):
         return True
     deadline = time.monotonic() + wait_s

@@ -395,7 +395,7 @@ def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
         ray.init(**kwargs)
 
 
-def autoscaler_present(wait_s: float = 10.0) -> bool:
+def autoscaler_present(wait_s: float = 0.0) -> bool:
     """Whether the connected cluster has an autoscaler that can launch nodes (not Ray's read-only one).
 
     A plain ``ray start``/``ray.init`` head also runs the autoscaler monitor, with a read-only provider
@@ -442,7 +442,7 @@ def check_resources(needed: Mapping[str, float], keys: Mapping[str, str], fix: s
     unit = {k: v for k, v in (per_unit or {}).items() if v > 0}
     no_node = bool(unit) and not any(all(_units(v) <= _units(n.get(k, 0.0)) for k, v in unit.items())
                                      for n in nodes)
-    if not (short or no_node) or autoscaler_present():
+    if not (short or no_node) or autoscaler_present(wait_s=10.0):  # waits only on the way to an error
         return
     custom = {k: v for k, v in have.items() if not k.startswith(("node:", "accelerator_type:")) and k not in
               ("CPU", "GPU", "memory", "object_store_memory")}

@@ -19,7 +19,7 @@ def cluster(monkeypatch):
     state["nodes"] = [state["have"]]
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(state["have"]))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(n)} for n in state["nodes"]])
-    monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda: state["autoscaler"])
+    monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda wait_s=0.0: state["autoscaler"])
     return state
 
 

@@ -65,7 +65,7 @@ def test_a_cluster_with_other_nodes_needs_object_storage_for_what_workers_write(
 
     def cluster(nodes, autoscaler):
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes)
-        monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda: autoscaler)
+        monkeypatch.setattr(ray_cluster, "autoscaler_present", lambda wait_s=0.0: autoscaler)
 
     cluster(1, False)
     check_cluster_storage({"run.storage": "/tmp/runs"}, {"data": "/tmp/shards"})  # one machine: fine

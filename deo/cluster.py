@@ -382,17 +382,33 @@ def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
     # the dashboard (when this starts Ray) serves the state API, which Ray Train's placement-group
     # cleaner and Tune use to watch their actors; joining a cluster ignores it
     kwargs = {"include_dashboard": True, "configure_logging": False, "log_to_driver": log_to_driver}
+    address = address or os.environ.get("RAY_ADDRESS", "") or _cluster_ray_start_left()
     if address:
         ray.init(address=address, **kwargs)
         return
     global _STARTED_HERE
-    try:  # Ray truncates a fractional container quota (a 0.5-CPU pod would get 0 CPUs): at least 1
-        ray.init(num_cpus=max(1, len(os.sched_getaffinity(0))), **kwargs)
-        _STARTED_HERE = ray.get_runtime_context().gcs_address
-    except ValueError as e:  # Ray found a cluster that `ray start` left here, which refuses num_cpus
-        if "existing cluster" not in str(e):
-            raise
-        ray.init(**kwargs)
+    # "local": a new Ray even where a stale address file is left. Ray truncates a fractional container
+    # quota (a 0.5-CPU pod would get 0 CPUs): at least 1
+    ray.init(address="local", num_cpus=max(1, len(os.sched_getaffinity(0))), **kwargs)
+    _STARTED_HERE = ray.get_runtime_context().gcs_address
+
+
+def _cluster_ray_start_left() -> str:
+    """The address a ``ray start`` on this machine recorded in Ray's address file, when a Ray process here
+    still serves it; else "" (a note on stderr when the file is stale: its cluster was killed, not
+    stopped with ``ray stop``, and ``ray.init`` would wait for it, then fail to connect)."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    from ray._private.utils import get_ray_address_file
+
+    recorded = find_bootstrap_address(None)
+    if not recorded:
+        return ""
+    if recorded in find_gcs_addresses():  # a raylet on this machine (head or worker node) serves it
+        return recorded
+    print(f"note: {get_ray_address_file(None)} names a Ray cluster at {recorded} that no Ray process on this "
+          "machine serves any more (killed, not stopped with `ray stop`): starting a local Ray instead",
+          file=sys.stderr, flush=True)
+    return ""
 
 
 def autoscaler_present(wait_s: float = 0.0) -> bool:

@@ -170,11 +170,7 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip().lstrip("+")
         if key not in keys:
             # Let _check_keys produce the message with the valid key list.
-            section = key.split(".")
-            node = tree
-            for part in section[:-1]:
-                node = node.setdefault(part, {})
-            node[section[-1]] = raw
+            _place(tree, key, raw, keys)
             continue
         tp = keys[key][0]
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
@@ -195,12 +191,25 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
         value = _bare_as_list(tp, value)
         if isinstance(value, list):
             value = [str(v) if not isinstance(v, int | float | bool) else v for v in value]
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        _place(tree, key, value, keys)
     return tree
+
+
+def _place(tree: dict[str, Any], key: str, value: Any, keys: dict[str, Any]) -> None:
+    """Put ``value`` at dotted ``key`` in the override tree, refusing (as :func:`_check_keys` would) a
+    key below a parent that an earlier override gave a single value (``data=x data.shards=y``)."""
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            parent = ".".join(parts[:i + 1])
+            if parent in keys:
+                raise ConfigError(f"unknown config key '{key}' in command line: '{parent}' is a single value "
+                                  f"({_type_name(keys[parent][0])}), not a section; set it as {parent}=VALUE")
+            raise ConfigError(f"config key '{parent}' in command line is a section; expected a mapping of its "
+                              f"keys, got {node!r}")
+    node[parts[-1]] = value
 
 
 def _empty_value(key: str, tp: Any) -> Any:

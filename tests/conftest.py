@@ -7,9 +7,11 @@ runner `scripts/test` puts the whole suite in a private network namespace when i
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,11 @@ SAMPLES = REPO / "data" / "samples"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's temp dir holds the address file `ray start` (and ray.cluster_utils) leave: a private one per
+# session keeps the pipelines, which join such a cluster, off a developer's own `ray start` and off one a
+# crashed test left (CI: every later Ray test tried to join a dead one). Short: socket paths <= 107 chars.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="deo-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 
 
 def pytest_configure(config):
@@ -29,6 +36,10 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ.get("DEO_TEST_THREADS", "1")))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.io import storage  # noqa: E402
-from deo.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
+from deo.train.checkpoint import UnreadableCheckpoint, list_checkpoints, load_state  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.driver import run_folder  # noqa: E402
 from deo.train.ray_glue import build_trainer  # noqa: E402
@@ -32,46 +32,51 @@ def complete_checkpoint_step(run_uri: str) -> int | None:
 
     state.pt exists from the moment Ray starts copying it into the run folder (in 1 MiB writes, 50 MB
     here): a node removed then leaves a truncated file that the restarted worker rightly skips, and,
-    with no older checkpoint, it restarts at step 0 (what failed in CI). Wait for a whole one.
+    with no older checkpoint, it restarts at step 0 (what failed in CI). Wait for a whole one; on a slow
+    disk the newest is often still being copied while an older one is whole (CI once saw only
+    half-copied newest ones until the run was too far along, and crashed on one: load_state raises
+    UnreadableCheckpoint for them).
     """
-    latest = latest_checkpoint(run_uri)
-    if latest is None:
-        return None
-    try:
-        state = load_state(latest)
-    except (RuntimeError, EOFError, OSError, KeyError):  # still being copied
-        return None
-    return int(state["step"])
+    for uri in list_checkpoints(run_uri):
+        try:
+            return int(load_state(uri)["step"])
+        except (UnreadableCheckpoint, FileNotFoundError, KeyError):  # still being copied
+            continue
+    return None
 
 
 shards, tmp = sys.argv[1], sys.argv[2]
 MAX_STEPS = 30
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-train_node = cluster.add_node(num_cpus=1, resources={"deo_train": 1}, node_ip_address="127.0.0.1")
-ray.init(address=cluster.address, log_to_driver=True)
-cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
-    f"data={shards}", f"run.storage={tmp}", "run.name=nodeloss", f"train.max_steps={MAX_STEPS}",
-    "run.checkpoint_every=2", "run.log_every=1", "run.tensorboard=false", "run.export=false",
-    "train.batch_size=8", "views.n_local=2", "scaling.cpus_per_worker=1",
-    "scaling.worker_resources={deo_train: 1}", "scaling.max_failures=3"])
-run_uri = run_folder(cfg)
-box: dict = {}
-thread = threading.Thread(target=lambda: box.update(result=build_trainer(cfg, run_uri).fit()))
-thread.start()
-deadline = time.time() + 300
-while (removed_after := complete_checkpoint_step(run_uri)) is None and time.time() < deadline:
-    time.sleep(0.2)
-assert removed_after is not None, "no complete checkpoint appeared"
-# the node must die mid-run: the run has not finished and most of its steps are still to come
-assert not storage.exists(storage.join(run_uri, "summary.json")), "the run finished before the node loss"
-assert removed_after <= MAX_STEPS // 2, f"checkpoint {removed_after} of {MAX_STEPS}: too late for the test"
-cluster.remove_node(train_node)  # the node with the training worker dies
-time.sleep(3)
-cluster.add_node(num_cpus=1, resources={"deo_train": 1}, node_ip_address="127.0.0.1")  # a replacement
-thread.join(timeout=400)
-result = box["result"]
-if result.error:
-    raise result.error
-ray.shutdown()
-cluster.shutdown()
+try:  # shut down whatever fails: Cluster records its address in Ray's address file until then
+    train_node = cluster.add_node(num_cpus=1, resources={"deo_train": 1}, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=True)
+    cfg = build_config(PretrainConfig, read_yaml(REPO / "configs/pretrain/default.yaml"), [
+        f"data={shards}", f"run.storage={tmp}", "run.name=nodeloss", f"train.max_steps={MAX_STEPS}",
+        "run.checkpoint_every=2", "run.log_every=1", "run.tensorboard=false", "run.export=false",
+        "train.batch_size=8", "views.n_local=2", "scaling.cpus_per_worker=1",
+        "scaling.worker_resources={deo_train: 1}", "scaling.max_failures=3"])
+    run_uri = run_folder(cfg)
+    box: dict = {}
+    # a daemon: a failed check below ends the script at once instead of after the whole run
+    thread = threading.Thread(target=lambda: box.update(result=build_trainer(cfg, run_uri).fit()), daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while (removed_after := complete_checkpoint_step(run_uri)) is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert removed_after is not None, "no complete checkpoint appeared"
+    # the node must die mid-run: the run has not finished and most of its steps are still to come
+    assert not storage.exists(storage.join(run_uri, "summary.json")), "the run finished before the node loss"
+    assert removed_after <= MAX_STEPS // 2, f"checkpoint {removed_after} of {MAX_STEPS}: too late for the test"
+    cluster.remove_node(train_node)  # the node with the training worker dies
+    time.sleep(3)
+    cluster.add_node(num_cpus=1, resources={"deo_train": 1}, node_ip_address="127.0.0.1")  # a replacement
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the run did not finish within 400 s of the node loss"
+    result = box["result"]
+    if result.error:
+        raise result.error
+finally:
+    ray.shutdown()
+    cluster.shutdown()
 print(json.dumps({"removed_after_step": removed_after, "max_steps": MAX_STEPS}), flush=True)

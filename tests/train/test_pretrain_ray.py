@@ -189,6 +189,34 @@ def test_pretrain_joins_the_cluster_ray_start_left_running_and_checks_its_resour
 
 
 @pytest.mark.ray
+def test_a_stale_address_file_from_a_killed_cluster_starts_a_local_ray(tmp_path):
+    """A `ray start` cluster killed rather than stopped (or a crashed ray.cluster_utils run, as in CI)
+    leaves Ray's address file behind; ray.init then waited for that dead cluster and failed to connect.
+    The pipelines start a local Ray instead, saying why."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
+    dead = f"127.0.0.1:{free_port()}"
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+        f.write(dead)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp)
+    code = ("import ray; from deo.cluster import start_or_join; start_or_join(); "
+            "print(ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU']); ray.shutdown()")
+    try:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        address, cpus = r.stdout.split()[-2:]
+        assert address != dead and float(cpus) >= 1 and time.time() - t0 < 60
+        assert f"names a Ray cluster at {dead} that no Ray process on this machine serves" in r.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_writes_the_run_folder_to_s3(sample_shards, s3_server, s3_bucket, ray_head):
     import s3fs

@@ -66,3 +66,21 @@ def test_relative_outputs_under_ray_job_submit_are_warned_about(monkeypatch, cap
     assert capsys.readouterr().err == ""
     assert warn_if_job_scratch("run.storage", "runs")
     assert "warning: run.storage='runs' is relative: under `ray job submit`" in capsys.readouterr().err
+
+
+def test_the_default_data_ingested_under_a_job_is_warned_about_by_its_pretrain_key(monkeypatch, capsys, tmp_path):
+    """`ray job submit -- python pipelines/pretrain.py` ingests the samples into its scratch copy: the
+    warning names `data`, the key the user can change (it named the ingest's `output`)."""
+    import deo.ingest.run as ingest_run
+    from deo.train import driver
+
+    seen = {}
+    monkeypatch.setattr(driver, "_init_ray", lambda cfg: None)
+    monkeypatch.setattr(ingest_run, "ingest", lambda cfg, log=print: seen.update(output=cfg.output))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    driver.ensure_default_data(build_config(PretrainConfig, overrides=[f"data={driver.DEFAULT_DATA}"]))
+    err = capsys.readouterr().err
+    assert f"warning: data='{driver.DEFAULT_DATA}' is relative: under `ray job submit`" in err
+    assert "output=" not in err
+    assert seen["output"] == str(tmp_path / driver.DEFAULT_DATA)

@@ -70,8 +70,9 @@ def ensure_default_data(cfg: PretrainConfig) -> None:
     from deo.ingest.run import ingest
 
     print(f"{cfg.data} not found: ingesting the committed samples first", flush=True)
+    warn_if_job_scratch("data", cfg.data)  # the key the user sees (the ingest would name its `output`)
     _init_ray(cfg)  # ours, before the ingest's own: so the workers' logs reach this driver
-    ingest(build_config(IngestConfig, overrides=[f"output={cfg.data}"]))
+    ingest(build_config(IngestConfig, overrides=[f"output={os.path.abspath(cfg.data)}"]))
 
 
 def validate(cfg: PretrainConfig) -> ShardDataset:

@@ -367,13 +367,17 @@ _STARTED_HERE = ""
 """The GCS address of the local Ray that :func:`start_or_join` started itself (it has no autoscaler)."""
 
 
-def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
+def start_or_join(address: str = "", log_to_driver: bool = True, key: str = "scaling.address") -> None:
     """Connect this process to Ray (nothing when it already is).
 
     Args:
         address: a Ray address; empty: ``RAY_ADDRESS``, else the cluster ``ray start`` left running on
             this machine, else a new local Ray with this machine's CPUs (Ray's own cgroup-aware count).
         log_to_driver: stream the workers' output to this process.
+        key: the config key ``address`` came from, for errors.
+
+    Raises:
+        ConfigError: a Ray Client address (``ray://``), naming where it came from.
     """
     import ray
 
@@ -382,7 +386,12 @@ def start_or_join(address: str = "", log_to_driver: bool = True) -> None:
     # the dashboard (when this starts Ray) serves the state API, which Ray Train's placement-group
     # cleaner and Tune use to watch their actors; joining a cluster ignores it
     kwargs = {"include_dashboard": True, "configure_logging": False, "log_to_driver": log_to_driver}
-    address = address or os.environ.get("RAY_ADDRESS", "") or _cluster_ray_start_left()
+    given = f"{key}={address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')}"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("ray://"):  # Ray Train and Tune drive their actors from here, not through a proxy
+        raise ConfigError(f"{given}: Ray Client (ray://) is not supported; submit the pipeline to the "
+                          "cluster instead: ray job submit --address http://<head>:8265 -- python pipelines/...")
+    address = address or _cluster_ray_start_left()
     if address:
         ray.init(address=address, **kwargs)
         return

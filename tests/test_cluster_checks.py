@@ -84,3 +84,17 @@ def test_the_default_data_ingested_under_a_job_is_warned_about_by_its_pretrain_k
     assert f"warning: data='{driver.DEFAULT_DATA}' is relative: under `ray job submit`" in err
     assert "output=" not in err
     assert seen["output"] == str(tmp_path / driver.DEFAULT_DATA)
+
+
+def test_a_ray_client_address_is_refused_naming_where_it_came_from(monkeypatch):
+    """Ray Client (ray://) cannot drive Ray Train or Tune (it asserted deep inside Ray's autoscaler query)."""
+    from deo.cluster import start_or_join
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail(f"ray.init({kw}) called"))
+    with pytest.raises(ConfigError, match=r"^scaling.address=ray://head:10001: Ray Client \(ray://\) is not "
+                                          r"supported; .*ray job submit --address http://<head>:8265"):
+        start_or_join("ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS=ray://head:10001: Ray Client"):
+        start_or_join()

@@ -264,10 +264,11 @@ def ray_local():
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     """Stop what a test started with ``start_new_session=True`` (e.g. ``ray start --head --block``), by its
-    process group: SIGTERM, then SIGKILL after ``grace_s``, then SIGKILL to stragglers of the group."""
+    process group: SIGINT (``ray start --block`` stops its node in about a second; it ignored SIGTERM for
+    the whole grace period), then SIGKILL after ``grace_s``, then SIGKILL to stragglers of the group."""
     import signal
 
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:

@@ -388,12 +388,18 @@ def start_or_join(address: str = "", log_to_driver: bool = True, key: str = "sca
     kwargs = {"include_dashboard": True, "configure_logging": False, "log_to_driver": log_to_driver}
     given = f"{key}={address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')}"
     address = address or os.environ.get("RAY_ADDRESS", "")
-    if address.startswith("ray://"):  # Ray Train and Tune drive their actors from here, not through a proxy
-        raise ConfigError(f"{given}: Ray Client (ray://) is not supported; submit the pipeline to the "
-                          "cluster instead: ray job submit --address http://<head>:8265 -- python pipelines/...")
-    address = address or _cluster_ray_start_left()
-    if address:
+    if "://" in address:  # Ray reads any scheme as Ray Client; Train and Tune drive actors from here
+        raise ConfigError(f"{given}: Ray Client and dashboard addresses (scheme://) cannot run this pipeline; "
+                          "submit it to the cluster instead: ray job submit --address http://<head>:8265 -- "
+                          "python pipelines/... (the dashboard address belongs there), or unset it to use "
+                          "this machine's Ray")
+    if address not in ("", "local"):  # a GCS address, or "auto" (Ray's: the recorded cluster, else any here)
         ray.init(address=address, **kwargs)
+        return
+    if address != "local" and _ray_start_cluster_alive():
+        # no address: Ray's own lookup of the recorded cluster, which also turns on token auth where that
+        # cluster has it (an explicit address does not)
+        ray.init(**kwargs)
         return
     global _STARTED_HERE
     # "local": a new Ray even where a stale address file is left. Ray truncates a fractional container
@@ -402,22 +408,23 @@ def start_or_join(address: str = "", log_to_driver: bool = True, key: str = "sca
     _STARTED_HERE = ray.get_runtime_context().gcs_address
 
 
-def _cluster_ray_start_left() -> str:
-    """The address a ``ray start`` on this machine recorded in Ray's address file, when a Ray process here
-    still serves it; else "" (a note on stderr when the file is stale: its cluster was killed, not
-    stopped with ``ray stop``, and ``ray.init`` would wait for it, then fail to connect)."""
+def _ray_start_cluster_alive() -> bool:
+    """Whether Ray's address file names a cluster (left by ``ray start`` on this machine) that a Ray process
+    here still serves; a note on stderr when the file is stale (its cluster was killed, not stopped with
+    ``ray stop``, and ``ray.init`` would wait for it, then fail to connect)."""
     from ray._private.services import find_bootstrap_address, find_gcs_addresses
     from ray._private.utils import get_ray_address_file
 
     recorded = find_bootstrap_address(None)
     if not recorded:
-        return ""
+        return False
+    find_gcs_addresses.cache_clear()  # Ray caches what it found until its next ray.init
     if recorded in find_gcs_addresses():  # a raylet on this machine (head or worker node) serves it
-        return recorded
+        return True
     print(f"note: {get_ray_address_file(None)} names a Ray cluster at {recorded} that no Ray process on this "
           "machine serves any more (killed, not stopped with `ray stop`): starting a local Ray instead",
           file=sys.stderr, flush=True)
-    return ""
+    return False
 
 
 def autoscaler_present(wait_s: float = 0.0) -> bool:

@@ -197,19 +197,28 @@ def _parse_overrides(cls: type, overrides: Sequence[str]) -> dict[str, Any]:
 
 def _place(tree: dict[str, Any], key: str, value: Any, keys: dict[str, Any]) -> None:
     """Put ``value`` at dotted ``key`` in the override tree, refusing (as :func:`_check_keys` would) a
-    key below a parent that an earlier override gave a single value (``data=x data.shards=y``)."""
+    key below a single-valued key, in either order (``data=x data.shards=y``, ``data.shards=y data=x``)."""
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            parent = ".".join(parts[:i + 1])
+        parent = ".".join(parts[:i + 1])
+        if not isinstance(node.get(part, {}), dict):
             if parent in keys:
-                raise ConfigError(f"unknown config key '{key}' in command line: '{parent}' is a single value "
-                                  f"({_type_name(keys[parent][0])}), not a section; set it as {parent}=VALUE")
-            raise ConfigError(f"config key '{parent}' in command line is a section; expected a mapping of its "
-                              f"keys, got {node!r}")
+                _below_single_value(key, parent, keys)
+            if any(k.startswith(parent + ".") for k in keys):
+                raise ConfigError(f"config key '{parent}' in command line is a section; expected a mapping of "
+                                  f"its keys, got {node[part]!r}")
+            node[part] = {}  # an unknown key either way: _check_keys names it
+        node = node.setdefault(part, {})
+    if isinstance(node.get(parts[-1]), dict) and node[parts[-1]] and not isinstance(value, dict) \
+            and key in keys:  # an earlier override put entries below this single value
+        _below_single_value(f"{key}.{next(iter(node[parts[-1]]))}", key, keys)
     node[parts[-1]] = value
+
+
+def _below_single_value(key: str, parent: str, keys: dict[str, Any]) -> None:
+    raise ConfigError(f"unknown config key '{key}' in command line: '{parent}' is a single value "
+                      f"({_type_name(keys[parent][0])}), not a section; set it as {parent}=VALUE")
 
 
 def _empty_value(key: str, tp: Any) -> Any:

@@ -38,31 +38,11 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("DEO_TEST_THREADS", "1")))
 
 
-_SESSION: list = []
-
-
-def pytest_sessionstart(session):
-    _SESSION.append(session)
-
-
-@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Clean up, then end the process with the session's exit status, skipping interpreter teardown.
-
-    CI once saw "Segmentation fault" after "326 passed": the interpreter's teardown crashed in native code
-    (this process has started and shut down Ray, Ray Data, torch's compile workers, GDAL, s3fs threads;
-    Ray documents segfaults from threads outliving a ray.shutdown, ray-project/ray#31145), and the crash,
-    not the results, became the exit code. DEO_TEST_FULL_EXIT=1 keeps the normal exit, for debugging it.
-    """
-    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
-    if os.environ.get("DEO_TEST_FULL_EXIT") == "1" or not _SESSION:
-        return
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray is not None and ray.is_initialized():  # before its temp dir goes
         ray.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(_SESSION[0].exitstatus))
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -86,15 +86,50 @@ def test_the_default_data_ingested_under_a_job_is_warned_about_by_its_pretrain_k
     assert seen["output"] == str(tmp_path / driver.DEFAULT_DATA)
 
 
-def test_a_ray_client_address_is_refused_naming_where_it_came_from(monkeypatch):
-    """Ray Client (ray://) cannot drive Ray Train or Tune (it asserted deep inside Ray's autoscaler query)."""
+def test_a_ray_client_or_dashboard_address_is_refused_naming_where_it_came_from(monkeypatch):
+    """Ray Client (ray://, and Ray reads any scheme so) cannot drive Ray Train or Tune (it asserted deep
+    inside Ray's autoscaler query); an http:// dashboard address, as Ray's job docs export, belongs to
+    `ray job submit`."""
     from deo.cluster import start_or_join
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail(f"ray.init({kw}) called"))
-    with pytest.raises(ConfigError, match=r"^scaling.address=ray://head:10001: Ray Client \(ray://\) is not "
-                                          r"supported; .*ray job submit --address http://<head>:8265"):
+    with pytest.raises(ConfigError, match=r"^scaling.address=ray://head:10001: Ray Client and dashboard "
+                                          r"addresses \(scheme://\) cannot run this pipeline; .*ray job submit "
+                                          r"--address http://<head>:8265"):
         start_or_join("ray://head:10001")
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS=ray://head:10001: Ray Client"):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS=http://127.0.0.1:8265: Ray Client and dashboard"):
         start_or_join()
+    with pytest.raises(ConfigError, match=r"^scaling.address=ray://h:1: "):  # the key wins over RAY_ADDRESS
+        start_or_join("ray://h:1")
+
+
+def test_which_ray_start_or_join_connects_to(monkeypatch, capsys):
+    """An explicit address is used as given; RAY_ADDRESS=local or none, with no live recorded cluster, start
+    a local Ray with at least 1 CPU; a live recorded cluster is joined through Ray's own lookup (no
+    address: Ray then also turns on token auth as that cluster has it); a stale one is named and skipped."""
+    from ray._private import services
+
+    from deo.cluster import start_or_join
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append({k: kw.get(k) for k in ("address", "num_cpus")}))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"gcs_address": "127.0.0.1:1"})())
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
+    live = {"10.0.0.5:6379"}
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset(live))
+    services.find_gcs_addresses.cache_clear = lambda: None
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    start_or_join("10.0.0.9:6379")
+    start_or_join()  # a worker node's raylet here serves the recorded (remote) head
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    start_or_join()
+    monkeypatch.delenv("RAY_ADDRESS")
+    live.clear()  # killed, not stopped
+    start_or_join()
+    assert calls[0] == {"address": "10.0.0.9:6379", "num_cpus": None}
+    assert calls[1] == {"address": None, "num_cpus": None}
+    assert calls[2]["address"] == calls[3]["address"] == "local" and calls[2]["num_cpus"] >= 1
+    assert "names a Ray cluster at 10.0.0.5:6379 that no Ray process on this machine serves" in capsys.readouterr().err

@@ -44,6 +44,11 @@ def test_a_key_below_a_single_value_names_it():
     with pytest.raises(ConfigError, match=r"unknown config key 'data.shards' in command line: 'data' is a "
                                           r"single value \(str\), not a section"):  # it crashed with a TypeError
         build_config(PretrainConfig, overrides=["data=s3://b/y", "data.shards=s3://b/x"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.shards' in command line: 'data' is a "
+                                          r"single value"):  # the other order kept data=y, dropping the typo
+        build_config(PretrainConfig, overrides=["data.shards=s3://b/x", "data=s3://b/y"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'foo' in command line"):
+        build_config(PretrainConfig, overrides=["foo=1", "foo.bar=2"])
     with pytest.raises(ConfigError, match=r"'train' in command line is a section; expected a mapping"):
         build_config(PretrainConfig, overrides=["train=3", "train.max_steps=1"])
     cfg = build_config(PretrainConfig, overrides=["scaling.worker_resources={accel: 1}"])

@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from deo.config import build_config, read_yaml  # noqa: E402
 from deo.io import storage  # noqa: E402
-from deo.train.checkpoint import UnreadableCheckpoint, list_checkpoints, load_state  # noqa: E402
+from deo.train.checkpoint import UnreadableCheckpoint, newest_readable  # noqa: E402
 from deo.train.config import PretrainConfig  # noqa: E402
 from deo.train.driver import run_folder  # noqa: E402
 from deo.train.ray_glue import build_trainer  # noqa: E402
@@ -37,12 +37,11 @@ def complete_checkpoint_step(run_uri: str) -> int | None:
     half-copied newest ones until the run was too far along, and crashed on one: load_state raises
     UnreadableCheckpoint for them).
     """
-    for uri in list_checkpoints(run_uri):
-        try:
-            return int(load_state(uri)["step"])
-        except (UnreadableCheckpoint, FileNotFoundError, KeyError):  # still being copied
-            continue
-    return None
+    try:
+        found = newest_readable(run_uri, log=lambda _: None)  # skips the half-copied ones
+    except (UnreadableCheckpoint, FileNotFoundError):  # none whole yet, or one pruned while listed
+        return None
+    return None if found is None else int(found[1]["step"])
 
 
 shards, tmp = sys.argv[1], sys.argv[2]

@@ -33,9 +33,14 @@ class ConfigError(ValueError):
     """A config key, value or file is invalid; the message names it and what was expected."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a help text (mutable defaults are wrapped in a factory)."""
-    meta = {"help": help}
+def option(default: Any = dataclasses.MISSING, help: str = "", replaces: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults are wrapped in a factory).
+
+    ``replaces``: sibling keys this one is an alternative to. Set on the command line, it drops them
+    from the config file, unless the command line sets them too (``train_set=`` in place of the default
+    config's ``dataset``; both on the command line still reach ``__post_init__``'s check).
+    """
+    meta = {"help": help, "replaces": tuple(replaces)}
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
         value = default
         return dataclasses.field(
@@ -290,19 +295,20 @@ def build_config(
         ConfigError: unknown key, wrong type, or a value rejected by ``__post_init__``.
     """
     base = OmegaConf.structured(cls)
+    keys = flat_keys(cls)
+    cli_keys = [k for k in (o.split("=", 1)[0].strip().lstrip("+") for o in overrides if "=" in o) if k in keys]
     layers = []
     if yaml_data:
         _check_keys(cls, yaml_data, source)
-        layers.append(OmegaConf.create(_bare_values_as_lists(flat_keys(cls), yaml_data)))
+        yaml_data = _without_replaced(cls, yaml_data, cli_keys)
+        layers.append(OmegaConf.create(_bare_values_as_lists(keys, yaml_data)))
     cli = _parse_overrides(cls, overrides)
     if cli:
         _check_keys(cls, cli, "command line")
         layers.append(OmegaConf.create(cli))
-    keys = flat_keys(cls)
     # a mapping given whole on the command line replaces the YAML's (OmegaConf would merge the two, so
     # worker_resources= could not clear {deo_train: 1}); key.entry=v still edits one entry
-    whole = [k for k in (o.split("=", 1)[0].strip().lstrip("+") for o in overrides if "=" in o)
-             if k in keys and typing.get_origin(keys[k][0]) is dict]
+    whole = [k for k in cli_keys if typing.get_origin(keys[k][0]) is dict]
     try:
         merged = OmegaConf.merge(base, *layers)
         for key in whole:
@@ -321,6 +327,31 @@ def build_config(
     except (TypeError, ValueError) as e:  # raised from a __post_init__
         raise ConfigError(str(e)) from e
     return obj  # type: ignore[return-value]
+
+
+def _without_replaced(cls: type, data: dict[str, Any], cli_keys: Sequence[str]) -> dict[str, Any]:
+    """``data`` (a config file's keys) less those that a command-line key replaces (``option(replaces=...)``)
+    and the command line does not set itself."""
+    drop = []
+    for key in cli_keys:
+        section, _, name = key.rpartition(".")
+        owner = cls
+        for part in section.split(".") if section else ():
+            owner = _hints(owner)[part]
+        field = next(f for f in dataclasses.fields(owner) if f.name == name)
+        drop += [o for o in (f"{section}.{r}" if section else r for r in field.metadata.get("replaces", ()))
+                 if o not in cli_keys]
+    if not drop:
+        return data
+    data = _copy(data)
+    for key in drop:
+        *parents, name = key.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return data
 
 
 def load_config(cls: type[T], argv: Sequence[str], default_config: str | Path | None = None,

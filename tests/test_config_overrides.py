@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 
-from deo.config import ConfigError, build_config
+from deo.config import ConfigError, build_config, nested, option
 from deo.ingest.config import IngestConfig
 from deo.train.config import PretrainConfig
 
@@ -64,3 +65,52 @@ def test_a_mapping_given_whole_replaces_the_yamls_and_an_entry_edits_one():
     got = build_config(PretrainConfig, yaml, ["scaling.worker_resources.deo_gpu=2"]).scaling.worker_resources
     assert got == {"deo_train": 1, "deo_gpu": 2}
     assert build_config(PretrainConfig, yaml).scaling.worker_resources == {"deo_train": 1}
+
+
+@dataclass
+class _Inputs:
+    folder: str = option("")
+    files: list[str] = option([], replaces=("folder",))
+
+
+@dataclass
+class _Job:
+    labelled: str = option("", replaces=("train", "test"))
+    train: str = option("", replaces=("labelled",))
+    test: str = option("", replaces=("labelled",))
+    inputs: _Inputs = nested(_Inputs)
+
+    def __post_init__(self):
+        if self.labelled and self.train:
+            raise ValueError("give either labelled or train + test, not both")
+
+
+def test_a_command_line_key_replaces_its_alternatives_from_the_config_file():
+    """The default evaluate config names a dataset; ``train_set=`` ``test_set=`` on the command line (the
+    documented form) clashed with it. An alternative given on the command line drops the file's."""
+    yaml_data = {"labelled": "data/samples/x.csv", "inputs": {"folder": "f/"}}
+    cfg = build_config(_Job, yaml_data, ["train=a.csv", "test=b.csv", "inputs.files=[x.tif]"])
+    assert (cfg.labelled, cfg.train, cfg.test) == ("", "a.csv", "b.csv")
+    assert cfg.inputs.folder == "" and cfg.inputs.files == ["x.tif"]  # in a section too
+    assert build_config(_Job, yaml_data, []).labelled == "data/samples/x.csv"  # nothing replaced it
+    assert yaml_data == {"labelled": "data/samples/x.csv", "inputs": {"folder": "f/"}}  # the caller's dict kept
+    # both on the command line: nothing is dropped, and the class's own check refuses the pair
+    with pytest.raises(ConfigError, match="give either labelled or train"):
+        build_config(_Job, yaml_data, ["labelled=c.csv", "train=a.csv", "test=b.csv"])
+    # in the file both, on the command line one: the command line's wins, the file's alternatives go
+    cfg = build_config(_Job, {"train": "a.csv", "test": "b.csv"}, ["labelled=c.csv"])
+    assert (cfg.labelled, cfg.train, cfg.test) == ("c.csv", "", "")
+
+
+def test_evaluate_takes_train_and_test_sets_in_place_of_the_default_dataset():
+    from deo.config import load_config
+    from deo.eval.config import EvalConfig
+
+    from tests_helpers import REPO
+
+    default = REPO / "configs/eval/default.yaml"
+    cfg = load_config(EvalConfig, ["train_set=tr.csv", "test_set=te.csv"], default)
+    assert (cfg.dataset, cfg.train_set, cfg.test_set) == ("", "tr.csv", "te.csv")
+    assert load_config(EvalConfig, [], default).dataset == "data/samples/eurosat_probe.csv"
+    with pytest.raises(ConfigError, match="train_set and test_set go together"):
+        load_config(EvalConfig, ["test_set=te.csv"], default)

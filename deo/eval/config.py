@@ -16,9 +16,12 @@ class EvalConfig:
     """pipelines/evaluate.py: kNN, linear and few-shot probes of a frozen backbone, and pca.png."""
 
     checkpoint: str = option("runs/default", help="run folder (latest checkpoint), checkpoint_* folder or .safetensors")
-    dataset: str = option("", help="labelled set split into train/test (seeded, stratified): class folders or .csv/.parquet list")
-    train_set: str = option("", help="labelled training set (with test_set, instead of dataset)")
-    test_set: str = option("", help="labelled test set (with train_set)")
+    dataset: str = option("", help="labelled set split into train/test (seeded, stratified): class folders or .csv/.parquet list",
+                          replaces=("train_set", "test_set"))
+    # train_set / test_set on the command line take the place of the config file's dataset (the default
+    # config names the committed samples, so the documented train_set= test_set= command would clash)
+    train_set: str = option("", help="labelled training set (with test_set, instead of dataset)", replaces=("dataset",))
+    test_set: str = option("", help="labelled test set (with train_set)", replaces=("dataset",))
     s2_band_order: list[str] = option(
         ["eurosat"], help="band order of stacked S2 files: a preset (eurosat, s2_13, s2_l2a_12, deo), a list "
         "[B01,...,B8A] or a comma string B01,...,B8A",

@@ -14,6 +14,7 @@ from deo.models.student import build_student
 from deo.train.config import PretrainConfig
 
 from conftest import run_cli
+from tests_helpers import REPO
 
 STATS = {"ms": {"mean": [1500.0] * 10, "std": [600.0] * 10}, "optical": {"mean": [100.0] * 3, "std": [50.0] * 3}}
 
@@ -59,3 +60,19 @@ def test_evaluate_cli_bad_input_exits_nonzero(tmp_path):
     assert r.returncode != 0 and "baselines must be among" in r.stderr
     r = run_cli(["pipelines/evaluate.py", "--help"])
     assert r.returncode == 0 and "s2_band_order" in r.stdout and "train_set" in r.stdout
+
+
+def test_evaluate_cli_on_separate_train_and_test_sets(tmp_path):
+    """The docstring's second form: train_set= test_set= take the place of the default config's dataset."""
+    run = _run(tmp_path)
+    rows = (REPO / "data/samples/eurosat_probe.csv").read_text().splitlines()[1:]
+    tiles = REPO / "data/samples"
+    for name, part in (("train", rows[0::4] + rows[1::4] + rows[2::4]), ("test", rows[3::4])):
+        (tmp_path / f"{name}.csv").write_text("path,label\n" + "\n".join(f"{tiles}/{r}" for r in part) + "\n")
+    r = run_cli(["pipelines/evaluate.py", f"checkpoint={run}", f"train_set={tmp_path / 'train.csv'}",
+                 f"test_set={tmp_path / 'test.csv'}", "s2_band_order=eurosat", "branches=[ms]", "few_shot=[]",
+                 "pca_tiles=0", "l2_grid=[1e-2]", "quiet=true"])
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "runs/default/eval/train/report.json").read_text())
+    assert report["dataset"]["n_train"] == 30 and report["dataset"]["n_test"] == 10, report["dataset"]
+    assert report["config"]["dataset"] == "" and report["config"]["train_set"] == str(tmp_path / "train.csv")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from deo.io import storage
+from deo.models.weights import load_safetensors, safetensors_header
 
 FORMAT = "deo-backbone"
 FORMAT_VERSION = "1"
@@ -139,10 +140,9 @@ def write_summary(out: str, header: dict[str, str], summary: str = "") -> str:
     return summary
 
 
-def read_header(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's bytes."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+def read_header(data: bytes, uri: str = "the file") -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes; ValueError naming ``uri`` when it is none."""
+    return safetensors_header(data, uri).get("__metadata__") or {}
 
 
 def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -156,14 +156,12 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         FileNotFoundError: nothing at ``uri``.
         ValueError: not a deo backbone export, or an unknown format version.
     """
-    from safetensors.torch import load
-
     from deo.eval.checkpoint import weights_sha256
 
     if not storage.exists(uri):
         raise FileNotFoundError(f"backbone {uri} not found")
     data = storage.read_bytes(uri)
-    header = read_header(data)
+    header = read_header(data, uri)
     if header.get("format") != FORMAT:
         raise ValueError(f"{uri} is not a deo backbone export (format {header.get('format')!r}, expected {FORMAT!r})")
     if header.get("format_version") != FORMAT_VERSION:
@@ -172,7 +170,7 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         )
     meta: dict[str, Any] = {k: json.loads(header[k]) for k in _JSON_KEYS if k in header}
     meta.setdefault("gsd_range", {})  # exports before it was recorded
-    state = dict(load(data))
+    state = load_safetensors(data, uri)
     meta.update(checkpoint=uri, deo_version=header.get("deo_version"), weights_sha256=weights_sha256(state))
     return state, meta
 

@@ -184,8 +184,11 @@ def test_an_unreadable_newest_checkpoint_is_named_and_skipped_for_the_one_before
     # none loads: resuming must not start the run over (that rewrites its config and metrics)
     other = tmp_path / "run" / "checkpoint_00000005" / "state.pt"
     other.write_bytes(b"")
-    with pytest.raises(UnreadableCheckpoint, match="no checkpoint of .* loads, so it cannot resume"):
+    with pytest.raises(UnreadableCheckpoint, match="no checkpoint of .* loads: .*; so the run cannot resume"):
         newest_readable_state(run)
+    with pytest.raises(ValueError, match="no checkpoint of .* loads: ") as e:  # exporting it says no more
+        export_checkpoint(run, str(tmp_path / "d.safetensors"))
+    assert "resume" not in str(e.value)
 
 
 @pytest.mark.filterwarnings("ignore:teacher.weights is empty")

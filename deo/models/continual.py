@@ -38,7 +38,7 @@ def _is_deo_export(uri: str) -> bool:
         return False
     from deo.export import FORMAT, read_header
 
-    return read_header(storage.read_bytes(uri)).get("format") == FORMAT
+    return read_header(storage.read_bytes(uri), uri).get("format") == FORMAT
 
 
 def _load_deo_export(student: DEOStudent, uri: str) -> tuple[str, ...]:

@@ -232,12 +232,18 @@ def newest_readable(run_uri: str, log: Callable[[str], None] = print) -> tuple[s
             log(f"skipping: {e}")
             errors.append(str(e))
     if errors:
-        raise UnreadableCheckpoint(f"no checkpoint of {run_uri} loads, so it cannot resume: " + "; ".join(errors)
-                                   + " (move them away to start the run over)")
+        raise UnreadableCheckpoint(f"no checkpoint of {run_uri} loads: " + "; ".join(errors))
     return None
 
 
 def newest_readable_state(run_uri: str) -> dict[str, Any] | None:
-    """The state of :func:`newest_readable`, or None."""
-    found = newest_readable(run_uri, log=lambda m: print(m, flush=True))
+    """The state of :func:`newest_readable` to resume from, or None.
+
+    Raises:
+        UnreadableCheckpoint: as :func:`newest_readable`, saying that the run cannot resume.
+    """
+    try:
+        found = newest_readable(run_uri, log=lambda m: print(m, flush=True))
+    except UnreadableCheckpoint as e:
+        raise UnreadableCheckpoint(f"{e}; so the run cannot resume (move them away to start it over)") from None
     return found[1] if found else None

@@ -87,6 +87,12 @@ def validate(cfg: PretrainConfig) -> ShardDataset:
         raise ConfigError(f"data={cfg.data}: {e}") from e
     if not shards.files:
         raise ConfigError(f"data={cfg.data}: manifest.json lists no Parquet shards")
+    counts = shards.manifest.get("counts", {})
+    trainable = min(counts.get("ms", len(shards)), counts.get("sar", len(shards)) if cfg.model.sar else len(shards))
+    if trainable < cfg.train.batch_size:  # at most that many rows the loop can use (manifest.json's counts)
+        raise ConfigError(f"data={cfg.data} has {trainable} trainable rows (manifest.json counts; rows with "
+                          f"{'ms and sar' if cfg.model.sar else 'ms'}), fewer than one global batch "
+                          f"(train.batch_size={cfg.train.batch_size}): lower train.batch_size or ingest more")
     if cfg.teacher.weights and not storage.exists(cfg.teacher.weights):
         raise ConfigError(f"teacher.weights={cfg.teacher.weights}: file not found")
     if cfg.model.init_from and not storage.exists(cfg.model.init_from):
@@ -103,6 +109,37 @@ def validate_shard_files(cfg: PretrainConfig) -> None:
         check_shard_files(ShardDataset.open(cfg.data).files, with_sar=cfg.model.sar)
     except ValueError as e:
         raise ConfigError(f"data={cfg.data}: {e}") from e
+
+
+def check_weights(cfg: PretrainConfig) -> None:
+    """Load each weights file of ``cfg`` into its model built on the meta device (shapes, no memory for
+    the weights) with the workers' own loaders: a file that is no checkpoint, is cut short or holds another
+    model fails here, naming its key, not on every worker after Ray's retries. Raises ConfigError."""
+    import warnings
+
+    import torch
+
+    from deo.models.continual import init_from_backbone
+    from deo.models.dinov3 import build_dinov3_vit, load_dinov3_weights
+    from deo.models.student import build_student
+
+    m, t, size = cfg.model, cfg.teacher, cfg.views.global_size
+    needs_teacher = cfg.loss.alpha1 > 0 or cfg.loss.alpha2 > 0 or cfg.loss.alpha3 > 0  # as DEOTask
+    loads = {
+        "teacher.weights": (t.weights if needs_teacher else "", lambda: load_dinov3_weights(build_dinov3_vit(t.name), t.weights)),
+        "model.rgb_weights": (m.rgb_weights, lambda: build_student(m, img_size=size)),
+        "model.init_from": (m.init_from, lambda: init_from_backbone(build_student(m, img_size=size), m.init_from,
+                                                                    m.ms_embed_init)),
+    }
+    for key, (uri, load) in loads.items():
+        if not uri:
+            continue
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")  # nothing to copy: meta
+                load()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{key}={uri}: {e}") from e
 
 
 def resolve_teacher_layers(cfg: PretrainConfig) -> PretrainConfig:
@@ -194,6 +231,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         warn_if_config_changed(run_uri, cfg)
         return PretrainResult(run_uri, done, resumed_finished=True)
     validate_shard_files(cfg)
+    check_weights(cfg)
     check_resumable(run_uri, cfg)
     warn_if_job_scratch("run.storage", cfg.run.storage)
     _init_ray(cfg)

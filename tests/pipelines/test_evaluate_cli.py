@@ -58,6 +58,15 @@ def test_evaluate_cli_bad_input_exits_nonzero(tmp_path):
     assert r.returncode != 0 and "not found" in r.stderr
     r = run_cli(["pipelines/evaluate.py", "baselines=[nope]"])
     assert r.returncode != 0 and "baselines must be among" in r.stderr
+    # damaged exports: named, with what was expected, not a JSON error or a safetensors traceback
+    good = tmp_path / "b.safetensors"
+    assert run_cli(["pipelines/export.py", f"checkpoint={_run(tmp_path)}", f"out={good}"]).returncode == 0
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-1000])
+    (tmp_path / "text.safetensors").write_text("not weights")
+    for name, expected in (("cut", "is not a whole safetensors file"), ("text", "is not a safetensors file")):
+        r = run_cli(["pipelines/evaluate.py", f"checkpoint={tmp_path / name}.safetensors", "dataset=x"])
+        assert r.returncode == 2 and f"error: '{tmp_path / name}.safetensors' {expected}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
     r = run_cli(["pipelines/evaluate.py", "--help"])
     assert r.returncode == 0 and "s2_band_order" in r.stdout and "train_set" in r.stdout
 

@@ -236,8 +236,13 @@ class Backbone(nn.Module):
         if bands is not None:
             self.check_bands(modality, bands)
 
-    def normalise(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """(x - mean) / std with the training stats: (B, C, H, W) stored units -> normalised float32."""
+    def normalise(self, x: torch.Tensor | Any, modality: str) -> torch.Tensor:
+        """(x - mean) / std with the training stats: (B, C, H, W) stored units -> normalised float32.
+
+        ``x`` may be a numpy array (rasterio's ``read()`` with a batch axis added); its shape is checked
+        as :meth:`check_input` does."""
+        x = torch.as_tensor(x)
+        self.check_input(x, modality)
         if modality not in self.stats:
             raise ValueError(f"no normalisation stats for {modality!r}; have {sorted(self.stats)}")
         s = self.stats[modality]

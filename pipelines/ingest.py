@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deo.config import ConfigError, fail, load_config  # noqa: E402
 from deo.ingest.config import IngestConfig  # noqa: E402
-from deo.ingest.run import ingest  # noqa: E402
+from deo.ingest.run import failure_lines, ingest  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ingest" / "default.yaml"
 
@@ -36,8 +36,8 @@ def main(argv: list[str]) -> int:
     print(f"[ingest] sources ok {summary['sources']['ok']}, partial {summary['sources']['partial']}, "
           f"skipped {summary['sources']['skipped']}, failed {summary['sources']['failed']}; "
           f"manifest {summary['manifest']}")
-    for f in summary["failed"]:
-        print(f"[ingest] failed: {f['uri']}: {f['reason']}", file=sys.stderr)
+    for line in failure_lines(summary["failed"]):
+        print(f"[ingest] {line}", file=sys.stderr)
     print(json.dumps({"summary_json": cfg.summary or summary["output"] + "/summary.json"}))
     if c["rows"] == 0:
         print("error: nothing was ingested (see the failed and skipped sources above and in the manifest)",

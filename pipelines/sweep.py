@@ -5,8 +5,9 @@
 Rerunning the same command resumes an interrupted sweep. Writes <storage>/<name>/results.csv,
 best.yaml (the best trial's pretrain config, run.name <name>-best; ties go to the longest-trained,
 then the first trial) and curves.png. results.csv's status: TERMINATED (trained to train.max_steps),
-STOPPED (stopped early by ASHA; Tune's own table calls these TERMINATED too) or ERROR (with its error
-line). `--help` lists every key.
+STOPPED (stopped early by ASHA; Tune's own table calls these TERMINATED too), ERROR (with its error
+line) or UNFINISHED (below train.max_steps when Ctrl-C stopped the sweep: it then writes no best.yaml
+and exits 130; rerun to resume). `--help` lists every key.
 """
 
 import sys
@@ -28,6 +29,13 @@ def main(argv: list[str]) -> int:
         result = run_sweep(cfg)
     except ConfigError as e:
         fail(str(e))
+    if result.interrupted:
+        done = sum(r["status"] in ("TERMINATED", "ERROR") for r in result.rows)
+        print(f"\n=== sweep interrupted: {done} of {result.trials_total} trials done ===")
+        print(format_table(result.rows, cfg.metric))
+        print(f"\nresults so far  {result.results_csv} (no best.yaml until the sweep ends)\n"
+              "rerun the same command to resume the sweep", flush=True)
+        return 130  # as a shell reports a command ended by Ctrl-C
     print("\n=== sweep results ===")
     print(format_table(result.rows, cfg.metric))
     print(f"\nresults  {result.results_csv}\nbest     {result.best_yaml}\ncurves   {result.plot}")

@@ -68,6 +68,11 @@ def test_export_then_load_gives_identical_features(tmp_path):
     assert not torch.allclose(got, other)  # the latest checkpoint was exported, not the first
     manual = (x - torch.tensor(STATS["ms"]["mean"])[:, None, None]) / torch.tensor(STATS["ms"]["std"])[:, None, None]
     torch.testing.assert_close(net.normalise(x, "ms"), manual)
+    # numpy as rasterio reads it (uint16), and a wrong band count named before the arithmetic
+    torch.testing.assert_close(net.normalise(x.round().numpy().astype("uint16"), "ms"),
+                               net.normalise(x.round(), "ms"))
+    with pytest.raises(ValueError, match=r"ms input must be \(B, 10, H, W\) with bands B02,.*got shape \(2, 13, 64, 64\)"):
+        net.normalise(torch.zeros(2, 13, 64, 64), "ms")
 
     final, stages = net.forward_intermediates(manual, "ms", indices=[1, 3])
     ref_final, ref_stages = students[10].forward_intermediates(manual, "ms", indices=[1, 3])

@@ -498,3 +498,18 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
     }
     storage.write_text(cfg.summary or storage.join(output, "summary.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def failure_lines(failed: list[dict[str, str]], shown: int = 3) -> list[str]:
+    """What to print of the summary's ``failed`` sources: each, but at most ``shown`` per kind of failure
+    (the reason with its file taken out) and then how many more (216 EuroSAT stacks ingested without
+    ``s2_band_order`` printed one identical line each). The manifest keeps every one."""
+    kinds: dict[str, list[dict[str, str]]] = {}
+    for f in failed:
+        kinds.setdefault(f["reason"].replace(f["uri"], "<file>"), []).append(f)
+    lines = []
+    for kind, items in kinds.items():
+        lines += [f"failed: {f['uri']}: {f['reason']}" for f in items[:shown]]
+        if len(items) > shown:
+            lines.append(f"failed: {len(items) - shown} more sources alike: {kind}")
+    return lines

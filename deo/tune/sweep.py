@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,6 +42,24 @@ class SweepResult:
     results_csv: str
     best_yaml: str
     plot: str
+    interrupted: bool = False
+    """Stopped by Ctrl-C (SIGINT): no best.yaml; a rerun resumes."""
+    trials_total: int = 0
+    """Trials the sweep runs in all (``num_samples`` x the grid); ``rows`` holds those started."""
+
+
+class _TuneInterruptWatch:
+    """Logging filter on Tune's logger: notes Tune's "Stop signal received" (Ctrl-C / SIGINT, or SIGUSR1,
+    after which ``Tuner.fit`` returns the results as they stand, like a finished sweep), and drops its
+    "Resume experiment with: Tuner.restore(...)": a sweep resumes by rerunning its command."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        self.interrupted |= message.startswith("Stop signal received")
+        return "Tuner.restore(" not in message
 
 
 def _abs(uri: str) -> str:
@@ -188,12 +207,23 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
                 failure_config=tune.FailureConfig(max_failures=r.max_failures),
             ),
         )
-    grid = tuner.fit()
-    return write_results(sweep, grid, sweep_uri)
+    import logging
+
+    watch = _TuneInterruptWatch()
+    logging.getLogger("ray.tune.tune").addFilter(watch)
+    try:
+        grid = tuner.fit()
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(watch)
+    return write_results(sweep, grid, sweep_uri, interrupted=watch.interrupted)
 
 
-def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:
-    """results.csv (params, metric, steps, status, error), best.yaml and a PNG of metric curves."""
+def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str, interrupted: bool = False) -> SweepResult:
+    """results.csv (params, metric, steps, status, error), best.yaml and a PNG of metric curves.
+
+    ``interrupted``: Ctrl-C stopped the sweep. Trials below ``train.max_steps`` are then UNFINISHED (cut
+    by the interrupt, or stopped by ASHA before it: the rerun tells), and no best.yaml is written.
+    """
     rows: list[dict[str, Any]] = []
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for res in grid:
@@ -205,8 +235,8 @@ def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:
             steps, values = sub["step"].astype(int).tolist(), sub[sweep.metric].astype(float).tolist()
         params = {k: v for k, v in (res.config or {}).items()}
         metrics = res.metrics or {}
-        status = "ERROR" if res.error else ("STOPPED" if metrics.get("step", 0) < _max_steps(sweep, params)
-                                            else "TERMINATED")
+        status = ("ERROR" if res.error else "TERMINATED" if metrics.get("step", 0) >= _max_steps(sweep, params)
+                  else "UNFINISHED" if interrupted else "STOPPED")
         best_value = (max(values) if sweep.mode == "max" else min(values)) if values else None
         row = {"trial": trial_id, **params, sweep.metric: best_value,
                "last_" + sweep.metric: values[-1] if values else None,
@@ -230,20 +260,23 @@ def write_results(sweep: SweepConfig, grid: Any, sweep_uri: str) -> SweepResult:
     w.writerows(rows)
     storage.write_text(results_csv, buf.getvalue())
     best_yaml = storage.join(sweep_uri, "best.yaml")
-    if best is not None:
+    if best is not None and not interrupted:  # a best of part of the sweep would be taken for the answer
         params = {k: best[k] for k in sweep.space}
         # its own run name: as --config it must not resume into (or find finished) the base config's run
-        cfg = build_config(PretrainConfig, read_yaml(sweep.pretrain_config),
+        base = read_yaml(sweep.pretrain_config)
+        cfg = build_config(PretrainConfig, base,
                            [*sweep.overrides, *overrides_from_params(params), f"run.name={sweep.name}-best"])
+        full_steps = build_config(PretrainConfig, base).train.max_steps  # the length without the sweep's cut
         storage.write_text(best_yaml, f"# best trial {best['trial']}: {sweep.metric}={best[sweep.metric]}\n"
                                       "# its config, the sweep's overrides included; a full run from it:\n"
-                                      "#   python pipelines/pretrain.py --config best.yaml train.max_steps=N "
-                                      "run.export=true\n" + to_yaml(cfg))
+                                      "#   python pipelines/pretrain.py --config best.yaml "
+                                      f"train.max_steps={full_steps} run.export=true\n" + to_yaml(cfg))
     plot = storage.join(sweep_uri, "curves.png")
     storage.write_bytes(plot, _plot(curves, sweep.metric))
     storage.write_text(storage.join(sweep_uri, "summary.json"),
                        json.dumps({"rows": rows, "best": best}, indent=1, default=str))
-    return SweepResult(sweep_uri, rows, best, results_csv, best_yaml, plot)
+    total = sweep.num_samples * math.prod(len(d["values"]) for d in sweep.space.values() if d.get("type") == "grid")
+    return SweepResult(sweep_uri, rows, best, results_csv, best_yaml, plot, interrupted, total)
 
 
 def _error_line(error: BaseException | None) -> str:

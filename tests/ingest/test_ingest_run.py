@@ -10,7 +10,7 @@ import pytest
 
 from deo.config import build_config, read_yaml
 from deo.ingest.config import IngestConfig
-from deo.ingest.run import PARTS, _even_groups, ingest
+from deo.ingest.run import PARTS, _even_groups, failure_lines, ingest
 from deo.io import storage
 from deo.io.shards import ShardDataset
 
@@ -209,3 +209,14 @@ def test_ray_data_from_s3_equals_plain_loop_locally(tmp_path, shared_data, s3_se
     for k in pa_:
         np.testing.assert_array_equal(pa_[k], pb[k])
     assert storage.exists(remote_out + "/summary.json")
+
+
+def test_failures_of_one_kind_are_printed_a_few_times_then_counted():
+    """216 EuroSAT stacks without s2_band_order printed 216 identical lines before the final error."""
+    unknown = [{"uri": f"s3://b/{i}.tif", "reason": f"unknown band order: s3://b/{i}.tif has 13 bands"} for i in range(5)]
+    cut = [{"uri": "x.tif", "reason": "read failed at window (0, 0): x.tif: truncated"}]
+    lines = failure_lines(unknown + cut)
+    assert lines == [*(f"failed: s3://b/{i}.tif: unknown band order: s3://b/{i}.tif has 13 bands" for i in range(3)),
+                     "failed: 2 more sources alike: unknown band order: <file> has 13 bands",
+                     "failed: x.tif: read failed at window (0, 0): x.tif: truncated"]
+    assert failure_lines(unknown[:3]) == [f"failed: s3://b/{i}.tif: {unknown[i]['reason']}" for i in range(3)]

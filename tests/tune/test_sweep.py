@@ -104,28 +104,50 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(sample_shards, shared
 
 
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(sample_shards, shared_data, tmp_path):
+    """Ctrl-C (SIGINT) ends the sweep as interrupted: exit 130, no best.yaml, cut trials marked; a
+    rerun resumes, and a rerun after the driver and its Ray are killed outright resumes too."""
     space = {"loss.gamma": {"type": "grid", "values": [0.5, 1.0, 2.0]}}
     path = sweep_yaml(tmp_path, sample_shards, str(tmp_path / "sweeps"), "resume", space,
                       {"num_samples": 1, "scheduler": "fifo", "max_concurrent": 1},
                       eurosat=shared_data / "eurosat_ms")
-    proc = subprocess.Popen([sys.executable, "pipelines/sweep.py", "--config", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials = tmp_path / "sweeps/resume/trials"
-    deadline = time.time() + 400
-    finished = []
-    while time.time() < deadline and not finished:  # wait until one trial has finished
-        finished = [p for p in trials.glob("*") if (p / "summary.json").exists()] if trials.exists() else []
-        time.sleep(1)
-    assert finished, "no trial finished before the deadline"
+
+    def start_and_wait_for_finished(n):
+        proc = subprocess.Popen([sys.executable, "pipelines/sweep.py", "--config", str(path)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        deadline = time.time() + 400
+        finished = []
+        while time.time() < deadline and len(finished) < n:  # wait until n trials have finished
+            finished = [p for p in trials.glob("*") if (p / "summary.json").exists()] if trials.exists() else []
+            time.sleep(1)
+        assert len(finished) >= n, f"{n} trial(s) did not finish before the deadline"
+        return proc, finished
+
+    proc, finished = start_and_wait_for_finished(1)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C to the driver
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-4000:]
+    assert "sweep interrupted:" in out and "rerun the same command to resume" in out, out[-4000:]
+    assert "Tuner.restore(" not in out  # Ray's Python advice, not how this command resumes
+    assert "sweep interrupted: 1 of 3 trials done" in out or "sweep interrupted: 2 of 3 trials done" in out, out
+    rows = read_rows((tmp_path / "sweeps/resume/results.csv").read_text())
+    assert "TERMINATED" in {x["status"] for x in rows} and {x["status"] for x in rows} <= {"TERMINATED", "UNFINISHED"}
+    assert not (tmp_path / "sweeps/resume/best.yaml").exists()
+    first, first_mtime = finished[0], (finished[0] / "summary.json").stat().st_mtime
+
+    proc, finished = start_and_wait_for_finished(2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-sweep
-    proc.wait()
-    done_mtime = (finished[0] / "summary.json").stat().st_mtime
+    proc.communicate()
+    done = {p: (p / "summary.json").stat().st_mtime for p in finished}
     r = run_sweep_cli(path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "resuming sweep" in r.stdout
     rows = read_rows((tmp_path / "sweeps/resume/results.csv").read_text())
     assert len(rows) == 3 and all(x["status"] == "TERMINATED" for x in rows), rows
-    assert (finished[0] / "summary.json").stat().st_mtime == done_mtime  # not run again
+    assert (first / "summary.json").stat().st_mtime == first_mtime  # finished ones are not run again
+    assert all((p / "summary.json").stat().st_mtime == t for p, t in done.items())
+    assert (tmp_path / "sweeps/resume/best.yaml").exists()
 
 
 def test_sweep_config_rejects_unknown_space_keys(tmp_path):

@@ -22,11 +22,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / 
 def main(argv: list[str]) -> int:
     try:
         cfg = load_config(PretrainConfig, argv, DEFAULT_CONFIG, title=__doc__.strip().splitlines()[0])
-        from deo.train.driver import pretrain
+        from deo.train.driver import Interrupted, pretrain
 
         result = pretrain(cfg)
     except ConfigError as e:
         fail(str(e))
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        return 130  # as a shell reports a command ended by Ctrl-C
     s = result.summary
     if result.resumed_finished:
         print(f"run {result.run_uri} already finished at step {s.get('steps')}; nothing to do")

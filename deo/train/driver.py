@@ -24,6 +24,10 @@ from deo.train.config import PretrainConfig
 DEFAULT_DATA = "runs/shards/samples"
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; rerunning the same command resumes it from its newest checkpoint."""
+
+
 @dataclass
 class PretrainResult:
     """What the driver prints and returns."""
@@ -238,10 +242,26 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     from deo.train.ray_glue import build_trainer
 
     t0 = time.perf_counter()
-    result = build_trainer(cfg, run_uri).fit()
+    result = _fit_noting_ctrl_c(build_trainer(cfg, run_uri), run_uri)
     if result.error:
         raise result.error
     summary_uri = storage.join(run_uri, "summary.json")
     summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else {}
     summary["wall_seconds"] = time.perf_counter() - t0
     return PretrainResult(run_uri, summary)
+
+
+def _fit_noting_ctrl_c(trainer: Any, run_uri: str) -> Any:
+    """``trainer.fit()``; Ctrl-C raises :class:`Interrupted` naming the checkpoint a rerun resumes from.
+
+    Ray Train installs its own SIGINT handler inside ``fit``: it aborts the run and ends the driver with
+    ``sys.exit`` (seen: ``SystemExit(1)``, a silent exit 1 to the user), so a KeyboardInterrupt or a
+    SystemExit out of ``fit`` is the run's stop, not a result."""
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        from deo.train.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(run_uri)
+        raise Interrupted(f"{run_uri} stopped by Ctrl-C; rerun the same command to resume it from "
+                          f"{newest.rsplit('/', 1)[-1] if newest else 'its start (no checkpoint yet)'}") from None

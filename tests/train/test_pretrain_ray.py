@@ -100,6 +100,27 @@ def test_cli_end_to_end_then_rerun_is_a_no_op(sample_shards, tmp_path):
 
 
 @pytest.mark.ray
+def test_ctrl_c_stops_the_run_saying_where_a_rerun_resumes(sample_shards, tmp_path):
+    """Ray Train's own SIGINT handler aborted the run and the driver exited 1 without a word."""
+    proc = subprocess.Popen([sys.executable, "pipelines/pretrain.py", f"data={sample_shards}",
+                             f"run.storage={tmp_path}", "run.name=cc", "train.max_steps=400",
+                             "run.checkpoint_every=2", *TINY], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state = tmp_path / "cc/checkpoint_00000002/state.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not state.exists() and proc.poll() is None:
+        time.sleep(0.5)
+    assert state.exists(), proc.communicate(timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("interrupted: "))
+    newest = max(p.parent.name for p in (tmp_path / "cc").glob("checkpoint_0*/state.pt"))
+    assert line == (f"interrupted: {tmp_path}/cc stopped by Ctrl-C; rerun the same command to resume it "
+                    f"from {newest}"), line
+
+
+@pytest.mark.ray
 def test_two_workers_give_the_losses_of_one_with_the_same_global_batch(sample_shards, tmp_path, ray_local):
     """Also with the student sharded over the two Ray Train workers (FSDP)."""
     from deo.train.driver import run_folder

@@ -7,6 +7,7 @@ optional SAR is :data:`SAR_BANDS`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -58,6 +59,30 @@ def true_colour_max(stats: dict) -> float:
     """The S2 true-colour stretch of a manifest's (or checkpoint's, export's) ``stats``: ingest records its
     ``s2_optical_max`` beside the optical stats; older ones used :data:`S2_TRUE_COLOUR_MAX`."""
     return float(stats.get("optical", {}).get("s2_true_colour_max", S2_TRUE_COLOUR_MAX))
+
+NIR_PAIR_RATIO: tuple[float, float] = (0.7, 1.5)
+"""Plausible B8A / B08 mean ratios. The two NIR bands (865 and 842 nm) agree closely in real scenes:
+EuroSAT-MS per class 0.81 (SeaLake) to 1.19, the committed samples 1.01, BigEarthNet 1.03; EuroSAT read
+with the s2_13 preset instead of eurosat gives 0.31."""
+
+
+def band_order_warning(means: Sequence[float | None], order: str, bands: Sequence[str] = DEO_BANDS) -> str | None:
+    """A warning when per-band means (stored units, in ``bands`` order) look read in a wrong band order.
+
+    Stacked files carry no band names; a wrong ``s2_band_order`` preset still reads 10 plausible-looking
+    bands, so the one sign is physics: B8A far from B08. Dark sets (both below 300, e.g. open water) are
+    not judged. ``order``: what to name as the suspect (the key and its value).
+    """
+    b08, b8a = means[bands.index("B08")], means[bands.index("B8A")]
+    if b08 is None or b8a is None or max(b08, b8a) < 300:
+        return None
+    ratio = b8a / max(b08, 1e-9)
+    lo, hi = NIR_PAIR_RATIO
+    if lo <= ratio <= hi:
+        return None
+    return (f"B8A's mean is {ratio:.2f}x B08's ({b8a:.0f} vs {b08:.0f}); these NIR bands agree within about "
+            f"{lo}-{hi}x in real scenes, so the bands were probably read in a wrong order: check {order}")
+
 
 RGB_BANDS: tuple[str, ...] = ("R", "G", "B")
 """The optical branch input."""

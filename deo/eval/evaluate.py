@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deo.bands import true_colour_max
+from deo.bands import band_order_warning, true_colour_max
 from deo.eval.checkpoint import build_student_from_config, load_checkpoint_student
 from deo.eval.config import EvalConfig
 from deo.eval.datasets import (
@@ -176,6 +176,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         ds, data_mod, cfg.s2_band_order, cfg.image_size, Progress(f"read {part}", quiet=cfg.quiet)
     )
     train_x, test_x = read(train, "train"), read(test, "test")
+    order_warning = None
+    if data_mod == "ms":  # stacks carry no band names: a wrong preset reads plausible-looking bands
+        order_warning = band_order_warning(train_x.mean(dim=(0, 2, 3)).tolist(),
+                                           f"s2_band_order={','.join(cfg.s2_band_order)}")
+        if order_warning:
+            warnings.warn(order_warning, stacklevel=2)
     branches = list(cfg.branches) or (["ms", "optical"] if data_mod == "ms" else ["optical"])
     if "ms" in branches and data_mod != "ms":
         raise ValueError(f"branch 'ms' needs a multispectral set; {train.items[0]} looks like RGB")
@@ -221,7 +227,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     "image_size": cfg.image_size or int(train_x.shape[-1]), "multi_label": train.multi_label,
                     "classes": train.classes, "n_train": len(train), "n_test": len(test),
                     "train_counts": train.counts(), "test_counts": test.counts(),
-                    "test_items": [i.rsplit("/", 1)[-1] for i in test.items]},
+                    "test_items": [i.rsplit("/", 1)[-1] for i in test.items],
+                    "warnings": [order_warning] if order_warning else []},
         "config": dataclasses.asdict(cfg),
         "results": results,
         "pca_png": pca,

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 import deo
-from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS
+from deo.bands import DEO_BANDS, RGB_BANDS, SAR_BANDS, band_order_warning
 from deo.cluster import warn_if_job_scratch
 from deo.config import to_dict
 from deo.ingest.config import IngestConfig
@@ -496,6 +496,11 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> dict[str, A
         "task_resources": {k: v for s in summaries for k, v in (s.get("task_resources") or {}).items()
                            if k not in ("CPU", "GPU", "memory")},
     }
+    order = f"s2_band_order={','.join(cfg.s2_band_order)}" if cfg.s2_band_order else "the files' band descriptions"
+    warning = band_order_warning(manifest["stats"]["ms"]["mean"], order)
+    if warning:
+        log(f"[ingest] warning: {warning}")
+    summary["warnings"] = [warning] if warning else []
     storage.write_text(cfg.summary or storage.join(output, "summary.json"), json.dumps(summary, indent=1))
     return summary
 

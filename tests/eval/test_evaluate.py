@@ -98,3 +98,14 @@ def test_reports_on_different_sets_go_to_their_own_folders():
                        (["dataset=data/samples/eurosat_probe.csv"], "eurosat_probe"),
                        (["train_set=s3://b/sets/train.parquet", "test_set=s3://b/sets/test.parquet"], "train")):
         assert default_out(ckpt, build_config(EvalConfig, overrides=over)) == f"runs/default/eval/{name}"
+
+
+def test_a_wrong_band_order_is_warned_about_and_reported(shared_data, fake_run, tmp_path):  # noqa: F811
+    run, _ = fake_run
+    over = [f"checkpoint={run}", f"dataset={shared_data / 'eurosat_ms'}", "branches=[ms]", "few_shot=[]",
+            "pca_tiles=0", "l2_grid=[1e-2]", "quiet=true"]
+    with pytest.warns(UserWarning, match=r"B8A's mean is 0\.\d\dx B08's .*check s2_band_order=s2_13"):
+        report = evaluate(build_config(EvalConfig, overrides=[*over, "s2_band_order=s2_13", f"out={tmp_path / 'w'}"]))
+    assert "check s2_band_order=s2_13" in report["dataset"]["warnings"][0]
+    report = evaluate(build_config(EvalConfig, overrides=[*over, f"out={tmp_path / 'r'}"]))
+    assert report["dataset"]["warnings"] == []

@@ -220,3 +220,29 @@ def test_failures_of_one_kind_are_printed_a_few_times_then_counted():
                      "failed: 2 more sources alike: unknown band order: <file> has 13 bands",
                      "failed: x.tif: read failed at window (0, 0): x.tif: truncated"]
     assert failure_lines(unknown[:3]) == [f"failed: s3://b/{i}.tif: {unknown[i]['reason']}" for i in range(3)]
+
+
+def test_a_wrong_band_order_preset_is_warned_about(tmp_path, shared_data):
+    """EuroSAT stacks (B8A last) read with the s2_13 preset (B8A after B08) gave 10 scrambled bands and
+    rc 0: the NIR pair B08/B8A is the sign (0.31 against about 1.1)."""
+    forest = str(shared_data / "eurosat_ms" / "Forest")
+    lines = []
+    wrong = ingest(cfg_for(str(tmp_path / "wrong"), [forest], s2_band_order="s2_13"), log=lines.append)
+    assert len(wrong["warnings"]) == 1 and "check s2_band_order=s2_13" in wrong["warnings"][0]
+    assert f"[ingest] warning: {wrong['warnings'][0]}" in lines
+    assert wrong["counts"]["rows"] > 0  # a warning: the data may be odd, not necessarily wrong
+    right = ingest(cfg_for(str(tmp_path / "right"), [forest], s2_band_order="eurosat"), log=lambda _: None)
+    assert right["warnings"] == []
+
+
+def test_band_order_warning_judges_only_sets_bright_enough_in_the_nir():
+    from deo.bands import band_order_warning
+
+    means = [1000.0] * 10
+    means[6], means[7] = 2300.0, 2592.0  # B08, B8A of EuroSAT-MS read right
+    assert band_order_warning(means, "x") is None
+    means[7] = 720.0
+    assert band_order_warning(means, "s2_band_order=s2_13").startswith("B8A's mean is 0.31x B08's (720 vs 2300)")
+    means[6], means[7] = 120.0, 60.0  # open water: too dark to judge
+    assert band_order_warning(means, "x") is None
+    assert band_order_warning([None] * 10, "x") is None  # nothing ingested

@@ -23,7 +23,7 @@ from deo.bands import DEO_BANDS, S2_10M_BANDS, SAR_BANDS, normalise_band_name
 from deo.ingest.config import IngestConfig
 from deo.ingest.discover import Source
 from deo.ingest.metadata import read_product_info
-from deo.io.raster import RasterCache
+from deo.io.raster import RasterCache, read_error_text
 
 
 class SourceError(ValueError):
@@ -35,14 +35,14 @@ def _check_readable(src: DatasetReader, uri: str) -> None:
     try:
         src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
     except RasterioError as e:
-        raise SourceError(f"unreadable or truncated: {uri}: {e}") from e
+        raise SourceError(f"unreadable or truncated: {uri}: {read_error_text(e)}") from e
 
 
 def _open(cache: RasterCache, uri: str) -> DatasetReader:
     try:
         src = cache.get(uri)
     except RasterioError as e:
-        raise SourceError(f"unreadable: {uri}: {e}") from e
+        raise SourceError(f"unreadable: {uri}: {read_error_text(e)}") from e
     if src.crs is None or src.transform.is_identity:
         raise SourceError(f"not georeferenced: {uri} has no CRS or transform")
     _check_readable(src, uri)

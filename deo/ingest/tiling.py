@@ -43,7 +43,7 @@ from rasterio.windows import Window
 from deo.bands import DEO_BANDS, S2_TRUE_COLOUR, SAR_BANDS
 from deo.ingest.config import IngestConfig
 from deo.ingest.stats import BandStats
-from deo.io.raster import RasterCache, same_grid
+from deo.io.raster import RasterCache, read_error_text, same_grid
 
 CLOUD_CLASSES: tuple[int, ...] = (3, 8, 9, 10)
 """SCL classes counted as cloud: cloud shadow, cloud medium/high probability, thin cirrus."""
@@ -117,7 +117,7 @@ class TileMaker:
                 return src.read(indexes, window=window), True
             return self._vrt(uri, grid, key, resampling, src_nodata).read(indexes, window=window), False
         except Exception as e:  # noqa: BLE001 - re-raised with the file's name
-            raise WindowReadError(f"{uri}: {type(e).__name__}: {e}") from e
+            raise WindowReadError(f"{uri}: {type(e).__name__}: {read_error_text(e)}") from e
 
     # ---------------------------------------------------------------- Sentinel-2
     def s2_window(self, plan: dict[str, Any], wx: int, wy: int, pairs: list[dict[str, Any]],

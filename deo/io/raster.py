@@ -73,6 +73,13 @@ def gdal_path(uri: str) -> str:
     return strip_file_scheme(uri)
 
 
+def read_error_text(e: BaseException) -> str:
+    """``str(e)`` with GDAL's own reason: rasterio's "Read failed. See previous exception for details."
+    keeps it as the exception's cause (e.g. "TIFFReadEncodedStrip() failed" of a truncated file)."""
+    cause = e.__cause__ or e.__context__
+    return f"{e} ({cause})" if cause is not None and str(cause) not in str(e) else str(e)
+
+
 def open_raster(uri: str) -> DatasetReader:
     """Open a raster for reading (the caller closes it).
 

@@ -60,4 +60,8 @@ class SweepConfig:
             raise ValueError("num_samples and max_concurrent must be >= 1")
         for key, spec in self.space.items():
             if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
-                raise ValueError(f"space.{key}: expected a mapping with type in {SPACE_TYPES}, got {spec!r}")
+                split = isinstance(spec, dict) and "type" not in spec and all(isinstance(v, dict) for v in spec.values())
+                hint = ("; space keys are whole pretrain keys such as loss.alpha1, so a command-line "
+                        f"space.{key}.<...>=value splits one at its dots: edit the sweep YAML, or give the whole "
+                        "space, e.g. space={loss.alpha1: {type: uniform, low: 0.25, high: 1.0}}") if split else ""
+                raise ValueError(f"space.{key}: expected a mapping with type in {SPACE_TYPES}, got {spec!r}{hint}")

@@ -62,6 +62,8 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, shared_data):
     sources = {s["uri"]: s for s in ShardDataset.open(out).manifest["sources"]}
     assert sources[str(bad / "truncated.tif")]["status"] == "failed"
     assert "truncated" in sources[str(bad / "truncated.tif")]["reason"]
+    # GDAL's reason, not only rasterio's "Read failed. See previous exception for details."
+    assert "TIFFReadEncodedStrip() failed" in sources[str(bad / "truncated.tif")]["reason"]
     assert "unreadable" in sources[str(bad / "garbage.tif")]["reason"]
     assert sources[str(scene)]["status"] == "failed" and "B05" in sources[str(scene)]["reason"]
     assert "missing bands B11" in sources[str(lacking)]["reason"]

@@ -160,6 +160,13 @@ def test_sweep_config_rejects_unknown_space_keys(tmp_path):
         to_tune_space({"loss.gamma": {"type": "uniform", "low": 0}})
     cfg = build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"))
     assert set(cfg.space) == {"loss.alpha1", "loss.alpha2", "loss.alpha3", "loss.gamma"}
+    # a dotted override splits a space key at its dots: say so, and how to give the space instead
+    with pytest.raises(ConfigError, match=r"space.loss: .* splits one at its dots: edit the sweep YAML, or give "
+                                          r"the whole space, e.g. space=\{loss.alpha1: "):
+        build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"), ["space.loss.alpha1.type=unifrom"])
+    whole = build_config(SweepConfig, read_yaml(REPO / "configs/sweep/alpha_gamma.yaml"),
+                         ["space={loss.alpha1: {type: uniform, low: 0.25, high: 1.0}}"])
+    assert whole.space == {"loss.alpha1": {"type": "uniform", "low": 0.25, "high": 1.0}}
 
 
 def test_trials_share_one_compile_cache_unless_the_config_names_one(tmp_path):

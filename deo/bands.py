@@ -60,6 +60,7 @@ def true_colour_max(stats: dict) -> float:
     ``s2_optical_max`` beside the optical stats; older ones used :data:`S2_TRUE_COLOUR_MAX`."""
     return float(stats.get("optical", {}).get("s2_true_colour_max", S2_TRUE_COLOUR_MAX))
 
+
 NIR_PAIR_RATIO: tuple[float, float] = (0.7, 1.5)
 """Plausible B8A / B08 mean ratios. The two NIR bands (865 and 842 nm) agree closely in real scenes:
 EuroSAT-MS per class 0.81 (SeaLake) to 1.19, the committed samples 1.01, BigEarthNet 1.03; EuroSAT read

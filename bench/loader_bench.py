@@ -79,7 +79,7 @@ def main() -> None:
     work = Path(args.workdir)
     shards = work / "out_full_plain"
     if not (shards / "manifest.json").exists():
-        run_ingest(build_full_tile(work, 10980), shards, 256, use_ray=False)
+        run_ingest([build_full_tile(work, 10980)], shards, 256, use_ray=False)
     ds = ShardDataset.open(str(shards))
     index = loader_mod.ShardIndex.build(ds.uri, ds.files)
     report = {"command": "python bench/loader_bench.py " + " ".join(sys.argv[1:]), "rows": index.num_rows,

@@ -530,7 +530,9 @@ def warn_if_job_scratch(key: str, uri: str) -> bool:
     """Under ``ray job submit``, warn that a relative local ``uri`` (config ``key``) lands in the job's
     temporary copy of ``--working-dir``, which Ray deletes when the job no longer needs it; returns
     whether it warned."""
-    if not os.environ.get("RAY_JOB_SUBMISSION_ID") or storage.is_remote(uri) \
+    # the job supervisor hands each job driver its JobConfig in this variable (Ray 2.60 sets no
+    # RAY_JOB_SUBMISSION_ID, which this once read: the warning never fired under a real job)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or storage.is_remote(uri) \
             or os.path.isabs(storage.strip_file_scheme(uri)):
         return False
     print(f"warning: {key}={uri!r} is relative: under `ray job submit` it lands in Ray's temporary copy of "

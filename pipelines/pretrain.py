@@ -22,8 +22,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / 
 def main(argv: list[str]) -> int:
     try:
         cfg = load_config(PretrainConfig, argv, DEFAULT_CONFIG, title=__doc__.strip().splitlines()[0])
-        from deo.train.driver import Interrupted, pretrain
+    except ConfigError as e:
+        fail(str(e))
+    # torch and Ray: imported after --help and config errors
+    from deo.train.driver import Interrupted, pretrain
 
+    try:
         result = pretrain(cfg)
     except ConfigError as e:
         fail(str(e))

@@ -58,9 +58,9 @@ def test_a_sweep_whose_trial_cannot_fit_fails_before_tune_starts(cluster):
 
 
 def test_relative_outputs_under_ray_job_submit_are_warned_about(monkeypatch, capsys):
-    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert not warn_if_job_scratch("output", "runs/shards")  # not a job: the user's own cwd
-    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}')
     for uri in ("s3://b/runs", "/data/runs", "file:///data/runs"):
         assert not warn_if_job_scratch("run.storage", uri)
     assert capsys.readouterr().err == ""
@@ -78,7 +78,7 @@ def test_the_default_data_ingested_under_a_job_is_warned_about_by_its_pretrain_k
     monkeypatch.setattr(driver, "_init_ray", lambda cfg: None)
     monkeypatch.setattr(ingest_run, "ingest", lambda cfg, log=print: seen.update(output=cfg.output))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}')
     driver.ensure_default_data(build_config(PretrainConfig, overrides=[f"data={driver.DEFAULT_DATA}"]))
     err = capsys.readouterr().err
     assert f"warning: data='{driver.DEFAULT_DATA}' is relative: under `ray job submit`" in err

@@ -78,3 +78,14 @@ def test_a_documented_command_parses(where, name, args, monkeypatch, capsys):
         assert e.value.code == 0 and "usage:" in capsys.readouterr().out
         return
     load_config(cls, args, default)
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pipeline_prints_its_help_and_exits_0(name):
+    """As a user runs it: pretrain.py --help once ended in an UnboundLocalError after printing."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, f"pipelines/{name}.py", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout and not r.stderr.strip(), r.stderr[-2000:]

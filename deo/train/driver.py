@@ -97,6 +97,11 @@ def validate(cfg: PretrainConfig) -> ShardDataset:
         raise ConfigError(f"data={cfg.data} has {trainable} trainable rows (manifest.json counts; rows with "
                           f"{'ms and sar' if cfg.model.sar else 'ms'}), fewer than one global batch "
                           f"(train.batch_size={cfg.train.batch_size}): lower train.batch_size or ingest more")
+    if cfg.train.cuda_graph and not cfg.scaling.use_gpu:  # else each worker fails in turn, after Ray's retries
+        raise ConfigError("train.cuda_graph=true records the step as a CUDA graph: it needs scaling.use_gpu=true")
+    if cfg.train.overlap_teachers and not cfg.scaling.use_gpu:
+        print("warning: train.overlap_teachers=true runs the teachers on a second CUDA stream; the workers run "
+              "on CPU (scaling.use_gpu=false), so it does nothing here", file=sys.stderr, flush=True)
     if cfg.teacher.weights and not storage.exists(cfg.teacher.weights):
         raise ConfigError(f"teacher.weights={cfg.teacher.weights}: file not found")
     if cfg.model.init_from and not storage.exists(cfg.model.init_from):
@@ -138,6 +143,10 @@ def check_weights(cfg: PretrainConfig) -> None:
     for key, (uri, load) in loads.items():
         if not uri:
             continue
+        fs, path = storage.filesystem(uri)
+        if fs.isdir(path):  # a run folder, as evaluate and export take: the loaders read files
+            raise ConfigError(f"{key}={uri} is a folder; expected a weights file (for a deo run folder, its "
+                              f"export: python pipelines/export.py checkpoint={uri})")
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")  # nothing to copy: meta

@@ -63,6 +63,9 @@ def test_the_driver_loads_each_weights_file_into_its_model_on_the_meta_device(we
     ):
         with pytest.raises(ConfigError, match=f"^{key}={weights / name}: .*{expected}"):
             check(f"{key}={weights / name}")
+    with pytest.raises(ConfigError, match=f"^model.init_from={weights} is a folder; expected a weights file "
+                                          f"\\(for a deo run folder, its export: python pipelines/export.py"):
+        check(f"model.init_from={weights}")
     # no optical loss, no teacher built: its weights are not read (as on the workers)
     check(f"teacher.weights={weights / 'text.safetensors'}", "loss.alpha1=0", "loss.alpha2=0", "loss.alpha3=0")
 
@@ -84,3 +87,11 @@ def test_data_with_fewer_rows_than_one_global_batch_is_refused(sample_shards, bi
     with pytest.raises(ConfigError, match="rows with ms and sar"):
         validate(build_config(PretrainConfig, overrides=[f"data={bigearthnet_sar_shards}", "model.sar=true",
                                                          "train.batch_size=64"]))
+
+
+def test_gpu_only_step_options_on_cpu_workers(sample_shards, capsys):
+    """train.cuda_graph failed on each CPU worker in turn (4 starts); overlap_teachers did nothing, silently."""
+    with pytest.raises(ConfigError, match="train.cuda_graph=true .* needs scaling.use_gpu=true"):
+        validate(build_config(PretrainConfig, overrides=[f"data={sample_shards}", "train.cuda_graph=true"]))
+    validate(build_config(PretrainConfig, overrides=[f"data={sample_shards}", "train.overlap_teachers=true"]))
+    assert "train.overlap_teachers=true runs the teachers on a second CUDA stream" in capsys.readouterr().err

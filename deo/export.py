@@ -211,10 +211,17 @@ class Backbone(nn.Module):
         """Accepted ``modality`` values."""
         return tuple(self.student.modalities)
 
-    def check_bands(self, modality: str, bands: Sequence[str]) -> None:
-        """Raise ValueError unless ``bands`` names this backbone's ``modality`` channels in order."""
+    def check_bands(self, modality: str, bands: Sequence[str] | str) -> None:
+        """Raise ValueError unless ``bands`` names this backbone's ``modality`` channels in order.
+
+        ``bands``: a list, or a comma string (``"B02,B03,..."``) or, for ``ms``, a preset name, as
+        ``s2_band_order`` takes them (a string used to be read one character at a time)."""
         if modality not in self.bands:
             raise ValueError(f"modality must be one of {tuple(self.bands)}, got {modality!r}")
+        if isinstance(bands, str):
+            from deo.bands import parse_band_order
+
+            bands = parse_band_order(bands) if modality == "ms" else [b for b in bands.split(",") if b.strip()]
         want = [_norm_band(b, modality) for b in self.bands[modality]]
         got = [_norm_band(b, modality) for b in bands]
         if got != want:

@@ -98,6 +98,11 @@ def test_wrong_bands_and_channels_raise(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         load_backbone(out, bands={"optical": ["B", "G", "R"]})
     net = load_backbone(out, bands={"ms": [b.lower() for b in DEO_BANDS], "optical": ["r", "g", "b"]})
+    # comma strings and presets, as s2_band_order takes them (a string was read one character at a time)
+    load_backbone(out, bands={"ms": ",".join(DEO_BANDS), "optical": "R,G,B"})
+    load_backbone(out, bands="deo")
+    with pytest.raises(ValueError, match="ms input bands B01,B02,.* do not match the backbone's B02,"):
+        load_backbone(out, bands="eurosat")  # 13 bands: select the 10 first
     with pytest.raises(ValueError, match=r"\(B, 10, H, W\)"):
         net.forward_features(torch.zeros(1, 13, 64, 64), "ms")
     with pytest.raises(ValueError, match="do not match"):

@@ -270,6 +270,11 @@ class LossConfig:
         if not 0 <= self.msad_smoothing < 1:
             raise ValueError(f"loss.msad_smoothing must be in [0, 1), got {self.msad_smoothing}")
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any optical distillation term is on, i.e. the frozen DINOv3 teacher is built."""
+        return self.alpha1 > 0 or self.alpha2 > 0 or self.alpha3 > 0
+
 
 @dataclass
 class ProbeConfig:

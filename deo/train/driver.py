@@ -133,9 +133,8 @@ def check_weights(cfg: PretrainConfig) -> None:
     from deo.models.student import build_student
 
     m, t, size = cfg.model, cfg.teacher, cfg.views.global_size
-    needs_teacher = cfg.loss.alpha1 > 0 or cfg.loss.alpha2 > 0 or cfg.loss.alpha3 > 0  # as DEOTask
     loads = {
-        "teacher.weights": (t.weights if needs_teacher else "", lambda: load_dinov3_weights(build_dinov3_vit(t.name), t.weights)),
+        "teacher.weights": (t.weights if cfg.loss.needs_teacher else "", lambda: load_dinov3_weights(build_dinov3_vit(t.name), t.weights)),
         "model.rgb_weights": (m.rgb_weights, lambda: build_student(m, img_size=size)),
         "model.init_from": (m.init_from, lambda: init_from_backbone(build_student(m, img_size=size), m.init_from,
                                                                     m.ms_embed_init)),

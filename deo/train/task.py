@@ -256,9 +256,8 @@ class DEOTask(nn.Module):
         loss = cfg.loss
         self.cfg = cfg
         device = torch.device(device)
-        needs_teacher = loss.alpha1 > 0 or loss.alpha2 > 0 or loss.alpha3 > 0
         self.teacher: DINOv3Teacher | None = (
-            build_teacher(cfg.teacher, device) if needs_teacher else None
+            build_teacher(cfg.teacher, device) if loss.needs_teacher else None
         )
         dim = self.teacher.embed_dim if self.teacher is not None else 0
         self.trainable: nn.Module = DEOTrainable(cfg, dim).to(device)
@@ -275,7 +274,7 @@ class DEOTask(nn.Module):
         self.compression = CompressionLoss()
         self.coding_rate = CodingRateLoss(loss.eps, gather_distributed=dist.is_distributed())
         self.optical = (
-            OpticalDistillLoss(loss.alpha1, loss.alpha2, loss.alpha3) if needs_teacher else None
+            OpticalDistillLoss(loss.alpha1, loss.alpha2, loss.alpha3) if loss.needs_teacher else None
         )
         self.msad = MSADLoss(loss.msad_tau, loss.msad_smoothing) if loss.msad_lambda > 0 else None
         self.gsd = GSDLoss() if loss.gsd_weight > 0 else None
